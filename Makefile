@@ -1,0 +1,50 @@
+# freshrec — the two commands a new user needs are `make run` and `make test`.
+# Everything is installed from this repository's own files into .venv; the Kafka broker's jars are
+# resolved by Maven from freshrec/resources/kafka-pom.xml and cached under ~/.cache/freshrec.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: venv run test check lint typecheck bench broker-start broker-stop clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Start the local broker, replay ml-100k, sink it into the embedded ClickHouse, print a summary.
+run: venv
+	$(BIN)/freshrec run --dataset ml-100k --until-idle 5
+
+## Unit and integration tests against the real broker and the embedded ClickHouse (chDB).
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff format --check freshrec streams learners publishers tests bench
+	$(BIN)/ruff check freshrec streams learners publishers tests bench
+
+typecheck: venv
+	$(BIN)/mypy
+
+## Format check, lint, strict typing, then the tests.
+check: lint typecheck test
+
+## Sink throughput against its baselines (see docs/benchmarks.md).
+bench: venv
+	$(BIN)/python bench/sink_throughput.py
+
+broker-start: venv
+	$(BIN)/freshrec broker start
+
+broker-stop: venv
+	$(BIN)/freshrec broker stop
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

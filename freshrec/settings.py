@@ -1,0 +1,169 @@
+"""Settings: one pydantic-settings class, read from ``FRESHREC_*`` environment variables.
+
+Every field is typed, defaulted and described. Nested sections are plain models, set from the
+environment with a double underscore (``FRESHREC_SINK__BATCH_SIZE=5000``).
+
+Kafka client options (SASL, TLS, ...) pass through untouched as librdkafka keys in
+``FRESHREC_KAFKA_OPTIONS`` (a JSON object); they may hold secrets, so :meth:`Settings.redacted`
+is what gets logged, never the settings object itself.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Final
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["SinkSettings", "Settings", "Topics", "default_datasets_dir"]
+
+_SECRET_HINTS: Final = ("password", "secret", "token", "key")
+
+
+def _xdg(var: str, fallback: str) -> Path:
+    base = os.environ.get(var)
+    return Path(base) if base else Path.home() / fallback
+
+
+def default_datasets_dir() -> Path | None:
+    """``../shared/data`` beside the working directory or the source checkout, when it exists."""
+    candidates = [
+        Path.cwd().parent / "shared" / "data",
+        Path(__file__).resolve().parents[2] / "shared" / "data",
+    ]
+    return next((path for path in candidates if path.is_dir()), None)
+
+
+class Topics(BaseModel):
+    """Kafka topic names, all carrying ``FRESHREC_TOPIC_PREFIX`` so that runs stay isolated."""
+
+    prefix: str = ""
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}events"
+
+    @property
+    def events_dlq(self) -> str:
+        return f"{self.prefix}events.dlq"
+
+    @property
+    def impressions(self) -> str:
+        return f"{self.prefix}impressions"
+
+    @property
+    def model_sparse(self) -> str:
+        return f"{self.prefix}model.sparse"
+
+    @property
+    def model_dense(self) -> str:
+        return f"{self.prefix}model.dense"
+
+    def all(self) -> list[str]:
+        return [self.events, self.events_dlq, self.impressions, self.model_sparse, self.model_dense]
+
+
+class SinkSettings(BaseModel):
+    """The Kafka → ClickHouse audit sink."""
+
+    group_id: str = Field("freshrec-sink", description="Consumer group of the sink.")
+    batch_size: int = Field(10_000, ge=1, le=1_000_000, description="Most messages written per insert.")
+    batch_timeout_s: float = Field(
+        0.5, gt=0, description="Longest wait to fill a batch before writing what has arrived."
+    )
+    dedup_horizon: int = Field(
+        1_000_000,
+        ge=0,
+        description="How many recent event_ids a sink remembers to turn duplicates into dead letters.",
+    )
+
+
+class Settings(BaseSettings):
+    """All of freshrec's configuration. Build it once, in the CLI, and pass it down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FRESHREC_", env_nested_delimiter="__", extra="ignore", frozen=True
+    )
+
+    home: Path = Field(
+        default_factory=lambda: _xdg("XDG_DATA_HOME", ".local/share") / "freshrec",
+        description="State: the local broker's data, the embedded ClickHouse, checkpoints.",
+    )
+    cache_dir: Path = Field(
+        default_factory=lambda: _xdg("XDG_CACHE_HOME", ".cache") / "freshrec",
+        description="Downloads that can be made again: the broker's jars, datasets.",
+    )
+    kafka_bootstrap: str | None = Field(
+        None, description="Kafka bootstrap servers; unset means the local broker on broker_port."
+    )
+    kafka_options: dict[str, str] = Field(
+        default_factory=dict, description="Extra librdkafka options (JSON object), e.g. SASL/TLS."
+    )
+    broker_port: int = Field(9092, ge=1, le=65535, description="Local broker's client port.")
+    broker_controller_port: int | None = Field(
+        None, ge=1, le=65535, description="Local broker's KRaft controller port (default broker_port+1)."
+    )
+    broker_heap: str = Field("1g", description="Local broker's JVM heap (-Xmx).")
+    broker_partitions: int = Field(4, ge=1, le=1024, description="Partitions of each freshrec topic.")
+    clickhouse_dsn: str | None = Field(
+        None,
+        description="clickhouse-connect DSN: chdb:///path (embedded) or http(s)://host:8123; "
+        "unset means chdb://$FRESHREC_HOME/clickhouse.",
+    )
+    clickhouse_database: str = Field(
+        "freshrec", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$", description="ClickHouse database."
+    )
+    topic_prefix: str = Field(
+        "", pattern=r"^[A-Za-z0-9._-]{0,100}$", description="Prefix of every topic name."
+    )
+    datasets_dir: Path | None = Field(
+        default_factory=default_datasets_dir,
+        description="Where dataset files are read from (default ../shared/data when it exists).",
+    )
+    api_host: str = Field("127.0.0.1", description="HTTP API address.")
+    api_port: int = Field(8000, ge=1, le=65535, description="HTTP API port.")
+    api_token: SecretStr | None = Field(None, description="Bearer token required by the HTTP API.")
+    max_future_skew_ms: int = Field(
+        600_000, ge=0, description="How far in the future an event's ts may be before it is rejected."
+    )
+    sink: SinkSettings = Field(default_factory=SinkSettings)  # type: ignore[arg-type]
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(prefix=self.topic_prefix)
+
+    @property
+    def bootstrap(self) -> str:
+        """The Kafka bootstrap address in force: the configured cluster, else the local broker."""
+        return self.kafka_bootstrap or f"127.0.0.1:{self.broker_port}"
+
+    @property
+    def uses_local_broker(self) -> bool:
+        return self.kafka_bootstrap is None
+
+    @property
+    def controller_port(self) -> int:
+        return self.broker_controller_port or self.broker_port + 1
+
+    @property
+    def dsn(self) -> str:
+        return self.clickhouse_dsn or f"chdb://{self.home / 'clickhouse'}"
+
+    def kafka_config(self, **overrides: Any) -> dict[str, Any]:
+        """librdkafka configuration: bootstrap, pass-through options, then per-client overrides."""
+        return {"bootstrap.servers": self.bootstrap, **self.kafka_options, **overrides}
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict that is safe to log: secrets and credentials masked."""
+        data = self.model_dump(mode="json")
+        data["api_token"] = "***" if self.api_token else None
+        data["kafka_options"] = {
+            key: "***" if any(hint in key.lower() for hint in _SECRET_HINTS) else value
+            for key, value in self.kafka_options.items()
+        }
+        if "@" in (dsn := self.dsn):
+            scheme, _, rest = dsn.partition("://")
+            data["clickhouse_dsn"] = f"{scheme}://***@{rest.rpartition('@')[2]}"
+        return data

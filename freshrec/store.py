@@ -1,0 +1,211 @@
+"""The ClickHouse audit store: connection, idempotent migrations, and typed access to the tables.
+
+Always through clickhouse-connect. ``FRESHREC_CLICKHOUSE_DSN`` picks the engine:
+
+- ``chdb:///path`` (the embedded default, ``chdb://$FRESHREC_HOME/clickhouse``): chDB, ClickHouse's
+  in-process engine, as a clickhouse-connect backend. **One process at a time may open a path**
+  (chDB takes a file lock), and a process can hold only one path. Inside that process any number of
+  clients and threads share it, so the embedded mode has one owner process (``freshrec run``) and
+  other commands run when it is stopped; :class:`~freshrec.errors.StoreUnavailable` says so.
+- ``http(s)://user:password@host:8123``: a ClickHouse server, shared by any number of processes.
+
+Deduplication by natural key: every table is a ``ReplacingMergeTree`` ordered by the row's natural
+key (``event_id`` for ``events``; ``(topic, partition, offset)`` for ``dead_letters``), so that a row
+written twice collapses at merge time and ``FINAL`` reads are exact. The sink also avoids writing
+twice in the first place (see ``streams.sink``): plain ``count()`` equals ``count() FINAL`` after a
+crash and restart; ``FINAL`` is the backstop that makes it true whatever happened.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import ClickHouseError
+
+from freshrec.errors import ConfigError, StoreUnavailable
+from freshrec.settings import Settings
+
+__all__ = ["MIGRATIONS", "Migration", "Store", "open_store"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One schema step. Statements use ``{db}`` for the database and must be idempotent."""
+
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "events and dead_letters",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS {db}.events
+            (
+                event_id     String                    COMMENT 'idempotency key; the table is deduplicated on it',
+                user_id      String,
+                item_id      String,
+                type         LowCardinality(String)    COMMENT 'view, click, purchase, rating, impression, skip, ...',
+                ts           DateTime64(3, 'UTC')      COMMENT 'event time, from the event',
+                value        Nullable(Float64)         COMMENT 'rating, dwell, price; NULL when absent',
+                request_id   Nullable(String)          COMMENT 'the recommendation response this event answers',
+                context      String                    COMMENT 'JSON object of scalar context; empty when absent',
+                topic        LowCardinality(String)    COMMENT 'Kafka source of the row',
+                partition    UInt32,
+                offset       UInt64,
+                kafka_ts     DateTime64(3, 'UTC')      COMMENT 'Kafka message timestamp (produce time)',
+                ingested_at  DateTime64(3, 'UTC')      COMMENT 'when the sink wrote the row'
+            )
+            ENGINE = ReplacingMergeTree
+            ORDER BY event_id
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS {db}.dead_letters
+            (
+                topic        LowCardinality(String),
+                partition    UInt32,
+                offset       UInt64,
+                key          String                    COMMENT 'original message key bytes',
+                payload      String                    COMMENT 'original message bytes, unchanged',
+                reason       LowCardinality(String)    COMMENT 'stable code: not_json, missing_field, ...',
+                detail       String                    COMMENT 'human sentence naming the field and rule',
+                event_id     String                    COMMENT 'set for duplicate_event_id, else empty',
+                kafka_ts     DateTime64(3, 'UTC'),
+                received_at  DateTime64(3, 'UTC')      COMMENT 'when the sink wrote the row'
+            )
+            ENGINE = ReplacingMergeTree
+            ORDER BY (topic, partition, offset)
+            """,
+        ),
+    ),
+)
+
+
+class Store:
+    """A clickhouse-connect client bound to freshrec's database, with its schema migrated."""
+
+    def __init__(self, *, client: Client, database: str, dsn_kind: str) -> None:
+        self.client = client
+        self.database = database
+        self.dsn_kind = dsn_kind
+
+    def table(self, name: str) -> str:
+        return f"{self.database}.{name}"
+
+    def migrate(self) -> list[int]:
+        """Create the database and apply every migration not yet recorded. Returns the versions applied."""
+        db = self.database
+        self.command(f"CREATE DATABASE IF NOT EXISTS {db}")
+        self.command(
+            f"CREATE TABLE IF NOT EXISTS {db}.schema_migrations "
+            "(version UInt32, description String, applied_at DateTime64(3, 'UTC') DEFAULT now64(3)) "
+            "ENGINE = ReplacingMergeTree ORDER BY version"
+        )
+        done = {row[0] for row in self.rows(f"SELECT version FROM {db}.schema_migrations FINAL")}
+        applied = []
+        for migration in MIGRATIONS:
+            if migration.version in done:
+                continue
+            for statement in migration.statements:
+                self.command(statement.format(db=db))
+            self.insert(
+                "schema_migrations",
+                [[migration.version], [migration.description]],
+                column_names=["version", "description"],
+            )
+            applied.append(migration.version)
+            logger.info("applied migration %d (%s)", migration.version, migration.description)
+        return applied
+
+    def command(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
+        try:
+            return self.client.command(sql, parameters=parameters)
+        except ClickHouseError as exc:
+            raise _translate(exc) from exc
+
+    def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        """Run a query (server-side ``{name:Type}`` parameters, never string formatting of input)."""
+        try:
+            rows = cast(list[tuple[Any, ...]], list(self.client.query(sql, parameters=parameters).result_rows))
+            return rows
+        except ClickHouseError as exc:
+            raise _translate(exc) from exc
+
+    def query(
+        self, sql: str, parameters: dict[str, Any] | None = None
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Run a query and return its column names and rows."""
+        try:
+            result = self.client.query(sql, parameters=parameters)
+        except ClickHouseError as exc:
+            raise _translate(exc) from exc
+        rows = cast(list[tuple[Any, ...]], list(result.result_rows))
+        return list(result.column_names), rows
+
+    def insert(self, table: str, columns: Sequence[Sequence[Any]], *, column_names: Sequence[str]) -> None:
+        """Column-oriented insert into ``database.table``; one insert is one atomic part."""
+        try:
+            self.client.insert(
+                table,
+                list(columns),
+                column_names=list(column_names),
+                database=self.database,
+                column_oriented=True,
+            )
+        except ClickHouseError as exc:
+            raise _translate(exc) from exc
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def open_store(settings: Settings, *, migrate: bool = True) -> Store:
+    """Connect to the configured ClickHouse and (by default) bring its schema up to date."""
+    dsn = settings.dsn
+    kind = dsn.partition("://")[0].lower()
+    if kind not in {"chdb", "http", "https", "clickhouse", "clickhousedb"}:
+        raise ConfigError(
+            f"FRESHREC_CLICKHOUSE_DSN must start with chdb://, http:// or https://, got {kind!r}"
+        )
+    if kind == "chdb":
+        path = dsn.partition("://")[2]
+        if path and path != "memory":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        client = clickhouse_connect.get_client(dsn=dsn)
+    except ClickHouseError as exc:
+        raise _translate(exc) from exc
+    except OSError as exc:
+        raise StoreUnavailable(f"cannot reach ClickHouse ({kind}): {exc}") from exc
+    store = Store(client=client, database=settings.clickhouse_database, dsn_kind=kind)
+    if migrate:
+        store.migrate()
+    return store
+
+
+def _translate(exc: ClickHouseError) -> Exception:
+    message = str(exc)
+    if "Cannot lock file" in message or "Another server instance" in message:
+        return StoreUnavailable(
+            "the embedded ClickHouse (chDB) data path is open in another freshrec process; chDB "
+            "allows one process per path. Stop that process (or run this command through it), or "
+            "point FRESHREC_CLICKHOUSE_DSN at a ClickHouse server."
+        )
+    if "EmbeddedServer already initialized" in message:
+        return StoreUnavailable(
+            "this process already opened another chDB path; chDB allows one path per process"
+        )
+    if any(word in message for word in ("Connection refused", "timed out", "Failed to establish")):
+        return StoreUnavailable(f"cannot reach ClickHouse: {message}")
+    return exc
