@@ -19,6 +19,7 @@ still names ``kafka.Kafka`` and our ``server.properties``, so a recycled pid is 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import os
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 _POM = "kafka-pom.xml"
 _LOG4J = "log4j2.properties"
 _MAIN_CLASS = "kafka.Kafka"
+_APT = {"java": "openjdk-17-jre-headless", "mvn": "maven"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,18 +112,22 @@ class LocalBroker:
             _MAIN_CLASS,
             str(self.config_path),
         ]
-        with self.out_path.open("ab") as out:
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=self.root,
-                start_new_session=True,  # survives the CLI that started it, and its Ctrl-C
-            )
-        self.pid_path.write_text(f"{process.pid}\n")
-        logger.info("starting local Kafka broker (pid %d) at %s", process.pid, self._bootstrap)
-        self._wait_ready(process.pid, timeout_s)
+        # posix_spawn in a new session: the broker outlives the CLI that started it and ignores its
+        # Ctrl-C, and no Popen object is left behind to warn about a child still running.
+        pid = os.posix_spawn(
+            java,
+            command,
+            dict(os.environ),
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 1, str(self.out_path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
+                (os.POSIX_SPAWN_DUP2, 1, 2),
+            ],
+            setsid=True,
+        )
+        self.pid_path.write_text(f"{pid}\n")
+        logger.info("starting local Kafka broker (pid %d) at %s", pid, self._bootstrap)
+        self._wait_ready(pid, timeout_s)
         return self.status()
 
     def stop(self, *, timeout_s: float = 30.0) -> bool:
@@ -305,13 +311,13 @@ class LocalBroker:
 def _require_tool(name: str, why: str) -> str:
     path = shutil.which(name)
     if path is None:
-        raise BrokerError(f"`{name}` is not on PATH: {why}. Install it (e.g. apt-get install {name}).")
+        raise BrokerError(
+            f"`{name}` is not on PATH: {why}. Install it (Debian: apt-get install {_APT[name]})."
+        )
     return path
 
 
 def _reap(pid: int) -> None:
     """Collect the exit status if the broker is our own child, so that it does not linger as a zombie."""
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass

@@ -18,6 +18,7 @@ crash and restart; ``FINAL`` is the backstop that makes it true whatever happene
 
 from __future__ import annotations
 
+import fcntl
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,19 +54,19 @@ MIGRATIONS: tuple[Migration, ...] = (
             """
             CREATE TABLE IF NOT EXISTS {db}.events
             (
-                event_id     String                    COMMENT 'idempotency key; the table is deduplicated on it',
+                event_id String COMMENT 'idempotency key; the table is deduplicated on it',
                 user_id      String,
                 item_id      String,
-                type         LowCardinality(String)    COMMENT 'view, click, purchase, rating, impression, skip, ...',
-                ts           DateTime64(3, 'UTC')      COMMENT 'event time, from the event',
-                value        Nullable(Float64)         COMMENT 'rating, dwell, price; NULL when absent',
-                request_id   Nullable(String)          COMMENT 'the recommendation response this event answers',
-                context      String                    COMMENT 'JSON object of scalar context; empty when absent',
-                topic        LowCardinality(String)    COMMENT 'Kafka source of the row',
+                type LowCardinality(String) COMMENT 'view, click, purchase, rating, impression, skip, ...',
+                ts DateTime64(3, 'UTC') COMMENT 'event time, from the event',
+                value Nullable(Float64) COMMENT 'rating, dwell, price; NULL when absent',
+                request_id Nullable(String) COMMENT 'the recommendation response this event answers',
+                context String COMMENT 'JSON object of scalar context; empty when absent',
+                topic LowCardinality(String) COMMENT 'Kafka source of the row',
                 partition    UInt32,
                 offset       UInt64,
-                kafka_ts     DateTime64(3, 'UTC')      COMMENT 'Kafka message timestamp (produce time)',
-                ingested_at  DateTime64(3, 'UTC')      COMMENT 'when the sink wrote the row'
+                kafka_ts DateTime64(3, 'UTC') COMMENT 'Kafka message timestamp (produce time)',
+                ingested_at DateTime64(3, 'UTC') COMMENT 'when the sink wrote the row'
             )
             ENGINE = ReplacingMergeTree
             ORDER BY event_id
@@ -76,13 +77,13 @@ MIGRATIONS: tuple[Migration, ...] = (
                 topic        LowCardinality(String),
                 partition    UInt32,
                 offset       UInt64,
-                key          String                    COMMENT 'original message key bytes',
-                payload      String                    COMMENT 'original message bytes, unchanged',
-                reason       LowCardinality(String)    COMMENT 'stable code: not_json, missing_field, ...',
-                detail       String                    COMMENT 'human sentence naming the field and rule',
-                event_id     String                    COMMENT 'set for duplicate_event_id, else empty',
+                key String COMMENT 'original message key bytes',
+                payload String COMMENT 'original message bytes, unchanged',
+                reason LowCardinality(String) COMMENT 'stable code: not_json, missing_field, ...',
+                detail String COMMENT 'human sentence naming the field and rule',
+                event_id String COMMENT 'set for duplicate_event_id, else empty',
                 kafka_ts     DateTime64(3, 'UTC'),
-                received_at  DateTime64(3, 'UTC')      COMMENT 'when the sink wrote the row'
+                received_at DateTime64(3, 'UTC') COMMENT 'when the sink wrote the row'
             )
             ENGINE = ReplacingMergeTree
             ORDER BY (topic, partition, offset)
@@ -137,7 +138,9 @@ class Store:
     def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
         """Run a query (server-side ``{name:Type}`` parameters, never string formatting of input)."""
         try:
-            rows = cast(list[tuple[Any, ...]], list(self.client.query(sql, parameters=parameters).result_rows))
+            rows = cast(
+                list[tuple[Any, ...]], list(self.client.query(sql, parameters=parameters).result_rows)
+            )
             return rows
         except ClickHouseError as exc:
             raise _translate(exc) from exc
@@ -185,6 +188,8 @@ def open_store(settings: Settings, *, migrate: bool = True) -> Store:
     try:
         client = clickhouse_connect.get_client(dsn=dsn)
     except ClickHouseError as exc:
+        if kind == "chdb" and _chdb_path_locked(Path(dsn.partition("://")[2])):
+            raise StoreUnavailable(_LOCKED) from exc
         raise _translate(exc) from exc
     except OSError as exc:
         raise StoreUnavailable(f"cannot reach ClickHouse ({kind}): {exc}") from exc
@@ -194,14 +199,30 @@ def open_store(settings: Settings, *, migrate: bool = True) -> Store:
     return store
 
 
+_LOCKED = (
+    "the embedded ClickHouse (chDB) data path is open in another process (e.g. `freshrec run` or "
+    "`freshrec sink`); chDB allows one process per path. Stop that process, or point "
+    "FRESHREC_CLICKHOUSE_DSN at a ClickHouse server that many processes can share."
+)
+
+
+def _chdb_path_locked(path: Path) -> bool:
+    """True when another process holds ClickHouse's lock on ``path/status`` (an exclusive flock)."""
+    try:
+        with (path / "status").open("rb") as status:
+            fcntl.flock(status, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(status, fcntl.LOCK_UN)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def _translate(exc: ClickHouseError) -> Exception:
     message = str(exc)
     if "Cannot lock file" in message or "Another server instance" in message:
-        return StoreUnavailable(
-            "the embedded ClickHouse (chDB) data path is open in another freshrec process; chDB "
-            "allows one process per path. Stop that process (or run this command through it), or "
-            "point FRESHREC_CLICKHOUSE_DSN at a ClickHouse server."
-        )
+        return StoreUnavailable(_LOCKED)
     if "EmbeddedServer already initialized" in message:
         return StoreUnavailable(
             "this process already opened another chDB path; chDB allows one path per process"

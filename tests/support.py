@@ -1,0 +1,78 @@
+"""Helpers for tests: subprocess CLI runs with isolated settings, bounded waits, free ports."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import orjson
+
+from freshrec.settings import Settings
+
+
+def free_port_pair() -> tuple[int, int]:
+    """Two free TCP ports on 127.0.0.1 (the broker's client and controller listeners)."""
+    socks = [socket.socket() for _ in range(2)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return socks[0].getsockname()[1], socks[1].getsockname()[1]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def cli_env(settings: Settings, *, dsn: str | None = None) -> dict[str, str]:
+    """Environment for a ``freshrec`` subprocess with the same isolation as ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHREC_")}
+    env.update(
+        {
+            "FRESHREC_HOME": str(settings.home),
+            "FRESHREC_CACHE_DIR": str(settings.cache_dir),
+            "FRESHREC_KAFKA_BOOTSTRAP": settings.bootstrap,
+            "FRESHREC_CLICKHOUSE_DSN": dsn or settings.dsn,
+            "FRESHREC_CLICKHOUSE_DATABASE": settings.clickhouse_database,
+            "FRESHREC_TOPIC_PREFIX": settings.topic_prefix,
+            "FRESHREC_SINK__GROUP_ID": settings.sink.group_id,
+            "FRESHREC_SINK__BATCH_TIMEOUT_S": str(settings.sink.batch_timeout_s),
+            "FRESHREC_SINK__BATCH_SIZE": str(settings.sink.batch_size),
+        }
+    )
+    if settings.datasets_dir is not None:
+        env["FRESHREC_DATASETS_DIR"] = str(settings.datasets_dir)
+    return env
+
+
+def freshrec_cli(
+    *args: str, env: dict[str, str], timeout: float = 180.0, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run the installed console script's module in a fresh interpreter."""
+    result = subprocess.run(
+        [sys.executable, "-m", "freshrec", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"freshrec {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def sql_json(query: str, *, env: dict[str, str]) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = orjson.loads(freshrec_cli("sql", "--json", query, env=env).stdout)
+    return rows
+
+
+def wait_until(predicate: Callable[[], bool], *, timeout_s: float, interval_s: float = 0.1) -> None:
+    """Poll ``predicate`` until it holds; fail the test after ``timeout_s`` (a bounded wait, not a sleep)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        time.sleep(interval_s)
