@@ -259,7 +259,8 @@ class LocalBroker:
 
         deadline = time.monotonic() + timeout_s
         while not self._port_open():
-            if not self._is_our_broker(pid):
+            _reap(pid)
+            if not _alive(pid):  # liveness only: /proc/<pid>/cmdline can read empty mid-exec
                 raise BrokerError(f"the Kafka broker exited during start-up; last output:\n{self._tail()}")
             if time.monotonic() > deadline:
                 raise BrokerError(f"the Kafka broker did not open its port in {timeout_s:.0f} s")
@@ -315,6 +316,14 @@ def _require_tool(name: str, why: str) -> str:
             f"`{name}` is not on PATH: {why}. Install it (Debian: apt-get install {_APT[name]})."
         )
     return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z"
 
 
 def _reap(pid: int) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Final
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["SinkSettings", "Settings", "Topics", "default_datasets_dir"]
+__all__ = ["Settings", "SinkSettings", "Topics", "default_datasets_dir"]
 
 _SECRET_HINTS: Final = ("password", "secret", "token", "key")
 
@@ -72,6 +72,12 @@ class SinkSettings(BaseModel):
     batch_size: int = Field(10_000, ge=1, le=1_000_000, description="Most messages written per insert.")
     batch_timeout_s: float = Field(
         0.5, gt=0, description="Longest wait to fill a batch before writing what has arrived."
+    )
+    session_timeout_ms: int = Field(
+        45_000,
+        ge=6_000,
+        le=300_000,
+        description="Consumer session timeout: how long a crashed sink holds its partitions.",
     )
     dedup_horizon: int = Field(
         1_000_000,
@@ -128,7 +134,7 @@ class Settings(BaseSettings):
     max_future_skew_ms: int = Field(
         600_000, ge=0, description="How far in the future an event's ts may be before it is rejected."
     )
-    sink: SinkSettings = Field(default_factory=SinkSettings)  # type: ignore[arg-type]
+    sink: SinkSettings = Field(default_factory=SinkSettings)
 
     @property
     def topics(self) -> Topics:

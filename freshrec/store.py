@@ -55,17 +55,17 @@ MIGRATIONS: tuple[Migration, ...] = (
             CREATE TABLE IF NOT EXISTS {db}.events
             (
                 event_id String COMMENT 'idempotency key; the table is deduplicated on it',
-                user_id      String,
-                item_id      String,
+                user_id String,
+                item_id String,
                 type LowCardinality(String) COMMENT 'view, click, purchase, rating, impression, skip, ...',
                 ts DateTime64(3, 'UTC') COMMENT 'event time, from the event',
                 value Nullable(Float64) COMMENT 'rating, dwell, price; NULL when absent',
                 request_id Nullable(String) COMMENT 'the recommendation response this event answers',
                 context String COMMENT 'JSON object of scalar context; empty when absent',
                 topic LowCardinality(String) COMMENT 'Kafka source of the row',
-                partition    UInt32,
-                offset       UInt64,
-                kafka_ts DateTime64(3, 'UTC') COMMENT 'Kafka message timestamp (produce time)',
+                partition UInt32,
+                offset UInt64,
+                kafka_ts DateTime64(3, 'UTC') COMMENT 'Kafka timestamp (broker append time)',
                 ingested_at DateTime64(3, 'UTC') COMMENT 'when the sink wrote the row'
             )
             ENGINE = ReplacingMergeTree
@@ -74,15 +74,15 @@ MIGRATIONS: tuple[Migration, ...] = (
             """
             CREATE TABLE IF NOT EXISTS {db}.dead_letters
             (
-                topic        LowCardinality(String),
-                partition    UInt32,
-                offset       UInt64,
+                topic LowCardinality(String),
+                partition UInt32,
+                offset UInt64,
                 key String COMMENT 'original message key bytes',
                 payload String COMMENT 'original message bytes, unchanged',
                 reason LowCardinality(String) COMMENT 'stable code: not_json, missing_field, ...',
                 detail String COMMENT 'human sentence naming the field and rule',
                 event_id String COMMENT 'set for duplicate_event_id, else empty',
-                kafka_ts     DateTime64(3, 'UTC'),
+                kafka_ts DateTime64(3, 'UTC'),
                 received_at DateTime64(3, 'UTC') COMMENT 'when the sink wrote the row'
             )
             ENGINE = ReplacingMergeTree
@@ -196,6 +196,7 @@ def open_store(settings: Settings, *, migrate: bool = True) -> Store:
     store = Store(client=client, database=settings.clickhouse_database, dsn_kind=kind)
     if migrate:
         store.migrate()
+    client.database = settings.clickhouse_database  # unqualified table names in `freshrec sql` work
     return store
 
 

@@ -68,7 +68,8 @@ def make_settings(
             "clickhouse_database": f"test_{run_id}",
             "topic_prefix": f"test-{run_id}.",
             "datasets_dir": default_datasets_dir(),
-            "sink": SinkSettings(group_id=f"sink-{run_id}", batch_timeout_s=0.2),
+            # A killed sink's partitions move on after 6 s (the broker's minimum), not 45 s.
+            "sink": SinkSettings(group_id=f"sink-{run_id}", batch_timeout_s=0.2, session_timeout_ms=6000),
         }
         values.update(overrides)
         return Settings(**values)  # type: ignore[arg-type]

@@ -40,6 +40,7 @@ def cli_env(settings: Settings, *, dsn: str | None = None) -> dict[str, str]:
             "FRESHREC_SINK__GROUP_ID": settings.sink.group_id,
             "FRESHREC_SINK__BATCH_TIMEOUT_S": str(settings.sink.batch_timeout_s),
             "FRESHREC_SINK__BATCH_SIZE": str(settings.sink.batch_size),
+            "FRESHREC_SINK__SESSION_TIMEOUT_MS": str(settings.sink.session_timeout_ms),
         }
     )
     if settings.datasets_dir is not None:

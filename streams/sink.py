@@ -1,0 +1,346 @@
+"""The audit sink: Kafka ``events`` → validated → ClickHouse ``events`` / ``dead_letters``.
+
+Every message on ``events`` ends in exactly one of the two tables, exactly once:
+
+- **Valid** events go to ``events``; **invalid** ones (the contract of ``freshrec.events``) and
+  **duplicates** (an ``event_id`` seen before, within the dedup horizon) go to ``dead_letters`` with
+  their original bytes and a reason, and to the ``events.dlq`` topic with the reason in a header.
+- **No loss**: offsets are stored for commit only after ClickHouse has the batch's rows and the DLQ
+  producer has flushed (at-least-once delivery from Kafka).
+- **No doubles across crashes**: each row carries its Kafka ``(topic, partition, offset)``. When a
+  partition is assigned, the sink reads from ClickHouse the highest offset already written to each
+  table for it, and skips messages at or below it for that table. One insert is one atomic part, and
+  a batch's ``events`` insert precedes its ``dead_letters`` insert, so after ``kill -9`` at any point
+  the replay writes exactly the rows that are missing. ClickHouse itself is the offset store: it
+  cannot disagree with the data it holds.
+- **Duplicates by ``event_id``**: a two-generation set of recent ids (``SinkSettings.dedup_horizon``,
+  seeded from ClickHouse at start) turns a re-sent event into a ``duplicate_event_id`` dead letter.
+  Producers key events by ``user_id``, so a re-sent event lands in the same partition and the same
+  sink instance sees both copies. Beyond the horizon, ``ReplacingMergeTree(ORDER BY event_id)``
+  collapses the copy at merge time and ``SELECT ... FINAL`` counts it once.
+- The ``events.dlq`` topic itself is at-least-once: a crash between producing to it and committing
+  can repeat a dead letter there (the table, keyed by source offset, never repeats). Readers of the
+  topic deduplicate on the ``source.partition``/``source.offset`` headers.
+
+Why confluent-kafka here and not faust: this loop is per-event Python work on the ingest hot path;
+a batch ``consume()`` loop measured ~30x faster than a faust agent doing the same work (DESIGN §4).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import orjson
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from freshrec.errors import InvalidEvent, KafkaUnavailable
+from freshrec.events import REASON_DUPLICATE, parse_event
+from freshrec.settings import Settings
+from freshrec.store import Store
+from streams.admin import ensure_topics
+from streams.producer import EventProducer
+
+__all__ = ["AuditSink", "RecentIds", "SinkStats", "run"]
+
+logger = logging.getLogger(__name__)
+
+EVENT_COLUMNS = (
+    "event_id", "user_id", "item_id", "type", "ts", "value", "request_id", "context",
+    "topic", "partition", "offset", "kafka_ts", "ingested_at",
+)  # fmt: skip
+DEAD_LETTER_COLUMNS = (
+    "topic", "partition", "offset", "key", "payload", "reason", "detail", "event_id",
+    "kafka_ts", "received_at",
+)  # fmt: skip
+
+
+class RecentIds:
+    """A bounded set of the most recent ids: two generations of ``capacity // 2`` each.
+
+    Membership looks in both; when the young generation fills up, it becomes the old one and the old
+    one is dropped. So the set always remembers at least the last ``capacity // 2`` ids and never
+    more than ``capacity``, with O(1) insert, lookup and eviction and no per-id bookkeeping.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._half = max(capacity // 2, 1) if capacity > 0 else 0
+        self._young: set[str] = set()
+        self._old: set[str] = set()
+
+    def __contains__(self, item: str) -> bool:
+        return item in self._young or item in self._old
+
+    def add(self, item: str) -> None:
+        if not self._half:
+            return
+        self._young.add(item)
+        if len(self._young) >= self._half:
+            self._old, self._young = self._young, set()
+
+    def __len__(self) -> int:
+        return len(self._young) + len(self._old)
+
+
+@dataclass(slots=True)
+class SinkStats:
+    """Counters of one sink's life, for logs, the CLI summary and tests."""
+
+    consumed: int = 0
+    events: int = 0
+    dead_letters: int = 0
+    duplicates: int = 0
+    skipped_already_stored: int = 0
+    batches: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+class AuditSink:
+    """Consume ``events`` in batches and write them to the audit tables; see the module docstring."""
+
+    def __init__(
+        self, *, settings: Settings, store: Store, consumer_overrides: dict[str, Any] | None = None
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._topic = settings.topics.events
+        self._dlq_topic = settings.topics.events_dlq
+        self._batch_size = settings.sink.batch_size
+        self._batch_timeout_s = settings.sink.batch_timeout_s
+        self._stop = threading.Event()
+        self.stats = SinkStats()
+        self._recent = RecentIds(settings.sink.dedup_horizon)
+        # Highest offset already in ClickHouse, per table and partition (filled on assignment).
+        self._stored_events: dict[int, int] = {}
+        self._stored_dead: dict[int, int] = {}
+        self._consumer_overrides = consumer_overrides or {}
+        self._consumer: Consumer | None = None
+        self._producer: EventProducer | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def stop(self) -> None:
+        """Ask the loop to finish its current batch and return (thread-safe)."""
+        self._stop.set()
+
+    def run(self, *, until_idle_s: float | None = None) -> SinkStats:
+        """Run until :meth:`stop`, or until no message has arrived for ``until_idle_s`` seconds."""
+        ensure_topics(self._settings)
+        self._seed_recent_ids()
+        config = self._settings.kafka_config(
+            **{
+                "group.id": self._settings.sink.group_id,
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": True,
+                "enable.auto.offset.store": False,  # offsets are stored only after ClickHouse has the rows
+                "auto.commit.interval.ms": 1000,
+                "session.timeout.ms": self._settings.sink.session_timeout_ms,
+                "fetch.min.bytes": 1,
+                "queued.max.messages.kbytes": 262_144,
+                "log_level": 3,
+                **self._consumer_overrides,
+            }
+        )
+        self._consumer = Consumer(config)
+        self._producer = EventProducer(self._settings)
+        self._consumer.subscribe([self._topic], on_assign=self._on_assign)
+        last_message = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                messages = self._consumer.consume(self._batch_size, self._batch_timeout_s)
+                if messages:
+                    self._process(messages)
+                    last_message = time.monotonic()
+                elif (
+                    until_idle_s is not None
+                    and time.monotonic() - last_message >= until_idle_s
+                    and self._consumer.assignment()
+                ):
+                    logger.info("no message for %.1f s: drained, stopping", until_idle_s)
+                    break
+        finally:
+            self._close()
+        return self.stats
+
+    def _close(self) -> None:
+        if self._producer is not None:
+            self._producer.flush()
+        if self._consumer is not None:
+            self._consumer.close()  # commits the stored offsets
+        self._consumer = None
+
+    # ------------------------------------------------------------------ assignment and recovery
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        wanted = [tp.partition for tp in partitions]
+        self._stored_events.update(self._max_offsets("events", wanted))
+        self._stored_dead.update(self._max_offsets("dead_letters", wanted))
+        logger.info(
+            "assigned %s partitions %s; already stored up to events=%s dead_letters=%s",
+            self._topic, wanted, self._stored_events, self._stored_dead,
+        )  # fmt: skip
+
+    def _max_offsets(self, table: str, partitions: list[int]) -> dict[int, int]:
+        rows = self._store.rows(
+            f"SELECT partition, max(offset) FROM {self._store.table(table)} "
+            "WHERE topic = {topic:String} AND partition IN {partitions:Array(UInt32)} GROUP BY partition",
+            {"topic": self._topic, "partitions": partitions},
+        )
+        return {int(partition): int(offset) for partition, offset in rows}
+
+    def _seed_recent_ids(self) -> None:
+        horizon = self._settings.sink.dedup_horizon
+        if not horizon:
+            return
+        rows = self._store.rows(
+            f"SELECT event_id FROM {self._store.table('events')} WHERE topic = {{topic:String}} "
+            "ORDER BY ingested_at DESC, offset DESC LIMIT {n:UInt64}",
+            {"topic": self._topic, "n": horizon // 2},
+        )
+        for (event_id,) in reversed(rows):
+            self._recent.add(event_id)
+        if rows:
+            logger.info("remembered %d recent event ids from ClickHouse", len(rows))
+
+    # ------------------------------------------------------------------ the hot path
+
+    def _process(self, messages: list[Message]) -> None:
+        now_ms = int(time.time() * 1000)
+        skew = self._settings.max_future_skew_ms
+        recent = self._recent
+        stored_events, stored_dead = self._stored_events, self._stored_dead
+        topic = self._topic
+        ev: list[list[Any]] = [[] for _ in EVENT_COLUMNS]
+        (e_id, e_user, e_item, e_type, e_ts, e_value, e_request, e_context,
+         e_topic, e_partition, e_offset, e_kts, e_ingested) = ev  # fmt: skip
+        dead: list[tuple[Message, str, str, str]] = []
+        next_offsets: dict[int, int] = {}
+        stats = self.stats
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                self._on_consume_error(error)
+                continue
+            # Never None once error() is None; the stubs cannot know that.
+            partition: int = message.partition()  # type: ignore[assignment]
+            offset: int = message.offset()  # type: ignore[assignment]
+            next_offsets[partition] = offset + 1
+            stats.consumed += 1
+            raw = message.value() or b""
+            kafka_ts = message.timestamp()[1]
+            # "Now" for the future-skew rule is the broker's append time (LogAppendTime on topics we
+            # create), capped by the wall clock: validation is then a pure function of the message,
+            # and a replay after a crash classifies every message exactly as the first pass did.
+            reference_ms = kafka_ts if 0 < kafka_ts < now_ms else now_ms
+            try:
+                event = parse_event(raw, now_ms=reference_ms, max_future_skew_ms=skew)
+            except InvalidEvent as exc:
+                if offset > stored_dead.get(partition, -1):
+                    dead.append((message, exc.reason, exc.detail, ""))
+                else:
+                    stats.skipped_already_stored += 1
+                continue
+            if offset <= stored_events.get(partition, -1):
+                stats.skipped_already_stored += 1  # written before a crash; already remembered
+                continue
+            if event.event_id in recent:
+                if offset > stored_dead.get(partition, -1):
+                    detail = f"event_id {event.event_id[:80]!r} was already accepted"
+                    dead.append((message, REASON_DUPLICATE, detail, event.event_id))
+                else:
+                    stats.skipped_already_stored += 1
+                continue
+            recent.add(event.event_id)
+            e_id.append(event.event_id)
+            e_user.append(event.user_id)
+            e_item.append(event.item_id)
+            e_type.append(event.type)
+            e_ts.append(event.ts_ms)
+            e_value.append(event.value)
+            e_request.append(event.request_id)
+            e_context.append(orjson.dumps(event.context).decode() if event.context else "")
+            e_partition.append(partition)
+            e_offset.append(offset)
+            e_kts.append(kafka_ts if kafka_ts > 0 else now_ms)
+        ingested_ms = int(time.time() * 1000)
+        n_events = len(e_id)
+        if n_events:
+            e_topic.extend([topic] * n_events)
+            e_ingested.extend([ingested_ms] * n_events)
+            self._store.insert("events", ev, column_names=EVENT_COLUMNS)
+            stats.events += n_events
+        if dead:
+            self._write_dead_letters(dead, ingested_ms)
+        if next_offsets:
+            self._commit(next_offsets)
+        stats.batches += 1
+
+    def _write_dead_letters(self, dead: list[tuple[Message, str, str, str]], received_ms: int) -> None:
+        assert self._producer is not None
+        columns: list[list[Any]] = [[] for _ in DEAD_LETTER_COLUMNS]
+        for message, reason, detail, event_id in dead:
+            partition, offset = message.partition(), message.offset()
+            key, payload = message.key() or b"", message.value() or b""
+            row = (self._topic, partition, offset, key, payload, reason, detail, event_id,
+                   max(message.timestamp()[1], 0), received_ms)  # fmt: skip
+            for column, value in zip(columns, row, strict=True):
+                column.append(value)
+            self._producer.produce(
+                self._dlq_topic,
+                payload,
+                key=message.key(),
+                headers=[
+                    ("reason", reason),
+                    ("detail", detail[:1000]),
+                    ("source.topic", self._topic),
+                    ("source.partition", str(partition)),
+                    ("source.offset", str(offset)),
+                ],
+            )
+            self.stats.reasons[reason] = self.stats.reasons.get(reason, 0) + 1
+            if reason == REASON_DUPLICATE:
+                self.stats.duplicates += 1
+        self._store.insert("dead_letters", columns, column_names=DEAD_LETTER_COLUMNS)
+        self.stats.dead_letters += len(dead)
+        self._producer.flush()
+
+    def _commit(self, next_offsets: dict[int, int]) -> None:
+        assert self._consumer is not None
+        self._consumer.store_offsets(
+            offsets=[
+                TopicPartition(self._topic, partition, offset) for partition, offset in next_offsets.items()
+            ]
+        )
+
+    @staticmethod
+    def _on_consume_error(error: KafkaError) -> None:
+        if error.fatal():
+            raise KafkaUnavailable(f"fatal consumer error: {error}")
+        if error.code() != KafkaError._PARTITION_EOF:
+            logger.warning("consumer error (will retry): %s", error)
+
+
+def run(settings: Settings, store: Store, *, until_idle_s: float | None = None) -> SinkStats:
+    """Run the audit sink in this thread; SIGINT/SIGTERM finish the current batch and stop it."""
+    sink = AuditSink(settings=settings, store=store)
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        logger.info("signal %d: stopping after the current batch", signum)
+        sink.stop()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, _stop)
+    try:
+        return sink.run(until_idle_s=until_idle_s)
+    except KafkaException as exc:
+        raise KafkaUnavailable(f"Kafka failed under the sink: {exc}") from exc
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
