@@ -1,0 +1,255 @@
+"""The ``freshrec`` command line: each subcommand parses its arguments, builds the settings and calls
+one ``run(settings, ...)`` function. Results are tables for people, or JSON with ``--json``; logs and
+progress go to stderr so that stdout stays parseable.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+import click
+import orjson
+from pydantic import ValidationError
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from freshrec.errors import FreshrecError
+from freshrec.settings import Settings
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+_out = Console()
+_err = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        _fail(f"invalid FRESHREC_* setting:\n{exc}")
+
+
+def _fail(message: str) -> NoReturn:
+    _err.print(f"[bold red]error:[/] {message}", highlight=False)
+    sys.exit(1)
+
+
+def _emit_json(data: Any) -> None:
+    sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2, default=str).decode() + "\n")
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except FreshrecError as exc:
+        _fail(str(exc))
+
+
+@contextmanager
+def _progress(description: str, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    if not enabled:
+        yield None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=_err, transient=False) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def _print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> None:
+    table = Table(*columns, title=title, show_lines=False)
+    for row in rows:
+        table.add_row(*("NULL" if value is None else str(value) for value in row))
+    _out.print(table)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.version_option(package_name="freshrec")
+def main(verbose: int) -> None:
+    """freshrec: a streaming, online-learning recommender on Kafka.
+
+    Configuration comes from FRESHREC_* environment variables (see the README).
+    """
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose + 1, 2)]
+    logging.basicConfig(
+        level=level,
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=_err, show_path=False, rich_tracebacks=True)],
+    )
+
+
+# ---------------------------------------------------------------------------- broker
+
+
+@main.group()
+def broker() -> None:
+    """The local Apache Kafka broker (KRaft, single node)."""
+
+
+@broker.command("start")
+def broker_start() -> None:
+    """Start the local broker (idempotent) and print its bootstrap address."""
+    from freshrec.broker import LocalBroker
+
+    settings = _settings()
+    if not settings.uses_local_broker:
+        _err.print(f"FRESHREC_KAFKA_BOOTSTRAP is set: using the cluster at {settings.bootstrap}")
+        click.echo(settings.bootstrap)
+        return
+    with _errors():
+        status = LocalBroker(settings).start()
+    _err.print(f"local Kafka broker running (pid {status.pid}), data in {status.data_dir}")
+    click.echo(status.bootstrap)
+
+
+@broker.command("stop")
+def broker_stop() -> None:
+    """Stop the local broker."""
+    from freshrec.broker import LocalBroker
+
+    with _errors():
+        stopped = LocalBroker(_settings()).stop()
+    click.echo("stopped" if stopped else "not running")
+
+
+@broker.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def broker_status(as_json: bool) -> None:
+    """Say whether the local broker runs, and its bootstrap address. Exit 3 when it does not."""
+    from freshrec.broker import LocalBroker
+
+    status = LocalBroker(_settings()).status()
+    if as_json:
+        _emit_json({"running": status.running, "pid": status.pid, "bootstrap": status.bootstrap})
+    else:
+        state = f"running (pid {status.pid})" if status.running else "stopped"
+        click.echo(f"{state} {status.bootstrap}")
+    if not status.running:
+        sys.exit(3)
+
+
+# ---------------------------------------------------------------------------- data in and out
+
+
+@main.command()
+@click.argument("dataset")
+@click.option("--limit", type=click.IntRange(min=1), help="Publish only the first N events (in time order).")
+@click.option(
+    "--speed", type=click.FloatRange(min=0, min_open=True), help="Pace at X times the data's clock."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def replay(dataset: str, limit: int | None, speed: float | None, as_json: bool) -> None:
+    """Publish DATASET (ml-100k, ml-latest-small, amazon-games, or a JSONL path) to `events`."""
+    from streams import replay as replay_module
+
+    settings = _settings()
+    with _errors(), _progress(f"replay {dataset}", sys.stderr.isatty()) as progress:
+        stats = replay_module.run(settings, dataset, limit=limit, speed=speed, progress=progress)
+    result = {
+        "dataset": stats.dataset,
+        "published": stats.published,
+        "seconds": round(stats.seconds, 3),
+        "events_per_s": round(stats.rate),
+        "synthetic_ts": stats.synthetic_ts,
+        "topic": settings.topics.events,
+    }
+    if as_json:
+        _emit_json(result)
+    else:
+        _print_table(["", ""], [(k, v) for k, v in result.items()], title="replay")
+
+
+@main.command()
+@click.option(
+    "--until-idle",
+    type=click.FloatRange(min=0),
+    help="Exit once no message has arrived for S seconds (the topic is drained).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the final counters as JSON.")
+def sink(until_idle: float | None, as_json: bool) -> None:
+    """Run the Kafka → ClickHouse audit sink (events and dead letters)."""
+    from freshrec.store import open_store
+    from streams import sink as sink_module
+
+    settings = _settings()
+    with _errors():
+        store = open_store(settings)
+        try:
+            stats = sink_module.run(settings, store, until_idle_s=until_idle)
+        finally:
+            store.close()
+    result = {
+        "consumed": stats.consumed,
+        "events": stats.events,
+        "dead_letters": stats.dead_letters,
+        "duplicates": stats.duplicates,
+        "skipped_already_stored": stats.skipped_already_stored,
+        "batches": stats.batches,
+        "reasons": stats.reasons,
+    }
+    if as_json:
+        _emit_json(result)
+    else:
+        _print_table(["", ""], [(k, v) for k, v in result.items()], title="sink")
+
+
+@main.command()
+@click.argument("query")
+@click.option("--json", "as_json", is_flag=True, help="Print rows as a JSON list of objects.")
+def sql(query: str, as_json: bool) -> None:
+    """Run QUERY on the configured ClickHouse (in database `freshrec` by default) and print the rows."""
+    from freshrec.store import open_store
+
+    settings = _settings()
+    with _errors():
+        store = open_store(settings)
+        try:
+            columns, rows = store.query(query)
+        except Exception as exc:  # a user's SQL error is an answer, not a crash
+            if isinstance(exc, FreshrecError):
+                raise
+            _fail(str(exc))
+        finally:
+            store.close()
+    if as_json:
+        _emit_json([dict(zip(columns, row, strict=True)) for row in rows])
+    else:
+        _print_table(columns, rows)
+
+
+@main.command()
+@click.option("--dataset", default="ml-100k", show_default=True, help="Replay this dataset first (if new).")
+@click.option("--no-replay", is_flag=True, help="Do not replay any dataset.")
+@click.option("--until-idle", type=click.FloatRange(min=0), help="Stop once drained for S seconds.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def run(dataset: str, no_replay: bool, until_idle: float | None, as_json: bool) -> None:
+    """Everything in one process on the embedded default (local broker, chDB)."""
+    from freshrec import embedded
+
+    settings = _settings()
+    with _errors(), _progress(f"replay {dataset}", sys.stderr.isatty()) as progress:
+        result = embedded.run(
+            settings,
+            dataset=None if no_replay else dataset,
+            until_idle_s=until_idle,
+            progress=progress,
+        )
+    summary = {"replayed": result.replayed, "sink_consumed": result.sink.consumed, **result.summary}
+    if as_json:
+        _emit_json(summary)
+        return
+    _print_table(["", ""], [(k, v) for k, v in summary.items()], title="freshrec audit log (ClickHouse)")
+    _err.print('Query it: freshrec sql "SELECT type, count() FROM events GROUP BY type"')
