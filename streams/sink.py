@@ -173,6 +173,7 @@ class AuditSink:
         if self._consumer is not None:
             self._consumer.close()  # commits the stored offsets
         self._consumer = None
+        self._producer = None
 
     # ------------------------------------------------------------------ assignment and recovery
 
