@@ -1,0 +1,271 @@
+"""Per-item, per-event-type counters: total, exponentially decayed and windowed, in numpy arrays.
+
+Updates come in batches (a consumer batch at a time) and are applied with ``np.add.at`` over dense
+rows (:class:`~streams.ids.IdMap`), so the per-event Python work is one dict lookup for the item.
+
+The final state depends only on the **set** of events applied, not on their order. That is what
+lets a crashed worker replay from a checkpoint and end exactly where an uninterrupted run ends, even
+though batches and partition interleavings differ between runs:
+
+- **total**: a count. Exact.
+- **decayed** (forward decay, Cormode et al. 2009): each event adds ``2^((ts - L) / half_life)`` to a
+  sum kept relative to a landmark ``L``; the score at time ``T`` is ``sum * 2^(-(T - L) / half_life)``,
+  i.e. ``Σ 2^(-(T - ts_i) / half_life)``. Out-of-order events land exactly where they belong. The
+  landmark moves forward (rescaling every sum) before the weights could overflow. Exact up to
+  floating-point rounding.
+- **windowed**: each window (e.g. 1 h, 1 day, 1 week) is ``buckets`` tumbling buckets of event time.
+  The count for a window is the number of events whose bucket lies in the last ``buckets`` buckets up to
+  the newest bucket seen (the watermark). A bucket that falls out of the window is subtracted again;
+  an event older than the window on arrival is not added (it is still in ``total``). The result is
+  the same whatever the arrival order: an event is counted iff its bucket is within the final window.
+  Exact.
+
+Memory: three arrays of ``max_types x items`` plus one per window, growing by doubling up to
+``max_items``; items past the cap are counted in :attr:`IdMap.overflow` and otherwise ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from streams.ids import IdMap
+
+__all__ = ["CounterConfig", "ItemCounters"]
+
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float64]
+
+_MAX_EXPONENT: Final = 256.0  # rescale before 2^((ts-L)/h) exceeds 2^256 (float64 tops out near 2^1024)
+
+
+@dataclass(frozen=True, slots=True)
+class CounterConfig:
+    """How the counters count. Defaults suit interaction streams with timestamps in ms."""
+
+    half_life_s: float = 86_400.0  # decayed counts halve every day
+    windows_s: tuple[int, ...] = (3_600, 86_400, 604_800)  # last hour, day, week
+    buckets: int = 60  # each window is 60 tumbling buckets (1 min for the hour, 24 min for the day)
+    max_items: int = 1_000_000  # rows; items beyond are counted as overflow and ignored
+    max_types: int = 16  # distinct event types
+
+    def __post_init__(self) -> None:
+        if self.half_life_s <= 0 or self.buckets < 1 or not self.windows_s:
+            raise ValueError("half_life_s > 0, buckets >= 1 and at least one window are required")
+        if any(window * 1000 % self.buckets for window in self.windows_s):
+            raise ValueError("every window (in ms) must divide into `buckets` whole-ms buckets")
+
+
+class ItemCounters:
+    """Total, decayed and windowed counts per (event type, item); see the module docstring."""
+
+    def __init__(self, config: CounterConfig | None = None) -> None:
+        self._reset(config or CounterConfig())
+
+    def _reset(self, config: CounterConfig) -> None:
+        self.config = config
+        self.items = IdMap(capacity=self.config.max_items)
+        self.types = IdMap(capacity=self.config.max_types)
+        self._half_life_ms = self.config.half_life_s * 1000.0
+        self._widths_ms = [window * 1000 // self.config.buckets for window in self.config.windows_s]
+        self._landmark_ms: int | None = None
+        self._max_ts_ms: int | None = None
+        self._watermarks = [-(2**62)] * len(self._widths_ms)  # newest bucket seen, per window
+        # bucket -> [(type rows, item rows)] still inside the window, to subtract when it expires
+        self._pending: list[dict[int, list[tuple[IntArray, IntArray]]]] = [{} for _ in self._widths_ms]
+        self._total: IntArray
+        self._forward: FloatArray
+        self._windows: list[IntArray]
+        self._alloc(1024, keep=False)
+
+    # ------------------------------------------------------------------ writing
+
+    def update(self, items: Sequence[str], types: Sequence[str], ts_ms: Sequence[int] | IntArray) -> None:
+        """Count one batch of events (parallel sequences of item id, event type and event time)."""
+        if not len(items):
+            return
+        rows = self.items.rows(items)
+        kinds = self.types.rows(types)
+        ts = np.asarray(ts_ms, dtype=np.int64)
+        keep = (rows >= 0) & (kinds >= 0)
+        if not keep.all():
+            rows, kinds, ts = rows[keep], kinds[keep], ts[keep]
+        if len(self.items) > self._total.shape[1]:
+            self._alloc(max(len(self.items), 2 * self._total.shape[1]))
+        if not len(rows):
+            return
+        np.add.at(self._total, (kinds, rows), 1)
+        self._update_decayed(kinds, rows, ts)
+        for index in range(len(self._widths_ms)):
+            self._update_window(index, kinds, rows, ts)
+        newest = int(ts.max())
+        self._max_ts_ms = newest if self._max_ts_ms is None else max(self._max_ts_ms, newest)
+
+    def _update_decayed(self, kinds: IntArray, rows: IntArray, ts: IntArray) -> None:
+        if self._landmark_ms is None:
+            self._landmark_ms = int(ts.min())
+        newest = int(ts.max())
+        if (newest - self._landmark_ms) / self._half_life_ms > _MAX_EXPONENT:
+            # Move the landmark to the newest event: every sum is rescaled by the same factor.
+            shift = newest - self._landmark_ms
+            self._forward *= np.exp2(-shift / self._half_life_ms)
+            self._landmark_ms = newest
+        weights = np.exp2((ts - self._landmark_ms) / self._half_life_ms)
+        np.add.at(self._forward, (kinds, rows), weights)
+
+    def _update_window(self, index: int, kinds: IntArray, rows: IntArray, ts: IntArray) -> None:
+        buckets = ts // self._widths_ms[index]
+        watermark = max(self._watermarks[index], int(buckets.max()))
+        oldest_live = watermark - self.config.buckets + 1
+        counts = self._windows[index]
+        pending = self._pending[index]
+        if watermark > self._watermarks[index]:
+            self._watermarks[index] = watermark
+            for bucket in [b for b in pending if b < oldest_live]:
+                for expired_kinds, expired_rows in pending.pop(bucket):
+                    np.subtract.at(counts, (expired_kinds, expired_rows), 1)
+        live = buckets >= oldest_live
+        if not live.all():
+            kinds, rows, buckets = kinds[live], rows[live], buckets[live]
+        if not len(rows):
+            return
+        np.add.at(counts, (kinds, rows), 1)
+        order = np.argsort(buckets, kind="stable")
+        sorted_buckets = buckets[order]
+        starts = np.flatnonzero(np.r_[True, sorted_buckets[1:] != sorted_buckets[:-1]])
+        ends = np.r_[starts[1:], len(order)]
+        for start, end in zip(starts, ends, strict=True):
+            chosen = order[start:end]
+            pending.setdefault(int(sorted_buckets[start]), []).append((kinds[chosen], rows[chosen]))
+
+    def _alloc(self, capacity: int, *, keep: bool = True) -> None:
+        capacity = min(max(capacity, 1), self.config.max_items)
+        shape = (self.config.max_types, capacity)
+        total = np.zeros(shape, dtype=np.int64)
+        forward = np.zeros(shape, dtype=np.float64)
+        windows = [np.zeros(shape, dtype=np.int64) for _ in self._widths_ms]
+        if keep:
+            used = self._total.shape[1]
+            total[:, :used] = self._total
+            forward[:, :used] = self._forward
+            for new, old in zip(windows, self._windows, strict=True):
+                new[:, :used] = old
+        self._total, self._forward, self._windows = total, forward, windows
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def now_ms(self) -> int | None:
+        """Event time of the newest event counted: the reference time of decayed scores."""
+        return self._max_ts_ms
+
+    def total(self, item: str, event_type: str | None = None) -> int:
+        return int(self._column(self._total, item, event_type))
+
+    def decayed(self, item: str, event_type: str | None = None, *, at_ms: int | None = None) -> float:
+        return float(self._column(self._forward, item, event_type) * self._decay_factor(at_ms))
+
+    def windowed(self, item: str, window_s: int, event_type: str | None = None) -> int:
+        return int(self._column(self._windows[self._window_index(window_s)], item, event_type))
+
+    def scores(self, kind: str | int, event_type: str | None = None) -> FloatArray:
+        """Scores of every item row: ``kind`` is ``"total"``, ``"decayed"`` or a window in seconds."""
+        if kind == "total":
+            table: npt.NDArray[Any] = self._total
+        elif kind == "decayed":
+            table = self._forward
+        elif isinstance(kind, int):
+            table = self._windows[self._window_index(kind)]
+        else:
+            raise ValueError(f"kind must be 'total', 'decayed' or a window in seconds, got {kind!r}")
+        n = len(self.items)
+        if event_type is None:
+            values = table[: len(self.types), :n].sum(axis=0, dtype=np.float64)
+        else:
+            kind_row = self.types.lookup(event_type)
+            values = table[kind_row, :n].astype(np.float64) if kind_row >= 0 else np.zeros(n)
+        scaled: FloatArray = values * self._decay_factor(None) if kind == "decayed" else values
+        return scaled
+
+    def top(
+        self, k: int, kind: str | int = "total", event_type: str | None = None
+    ) -> list[tuple[str, float]]:
+        """The ``k`` items with the highest score, best first (ties by first appearance)."""
+        values = self.scores(kind, event_type)
+        if not len(values) or k <= 0:
+            return []
+        k = min(k, len(values))
+        candidates = np.argpartition(-values, k - 1)[:k]
+        best = candidates[np.lexsort((candidates, -values[candidates]))]
+        return [(self.items.id_of(int(row)), float(values[row])) for row in best if values[row] > 0]
+
+    def nbytes(self) -> int:
+        """Bytes held by the arrays and pending window records (the id maps are not included)."""
+        arrays = self._total.nbytes + self._forward.nbytes + sum(w.nbytes for w in self._windows)
+        pending = sum(k.nbytes + r.nbytes for p in self._pending for recs in p.values() for k, r in recs)
+        return int(arrays + pending)
+
+    def _column(self, table: npt.NDArray[Any], item: str, event_type: str | None) -> float:
+        row = self.items.lookup(item)
+        if row < 0:
+            return 0.0
+        if event_type is None:
+            return float(table[: len(self.types), row].sum())
+        kind_row = self.types.lookup(event_type)
+        return float(table[kind_row, row]) if kind_row >= 0 else 0.0
+
+    def _decay_factor(self, at_ms: int | None) -> float:
+        reference = at_ms if at_ms is not None else self._max_ts_ms
+        if self._landmark_ms is None or reference is None:
+            return 0.0
+        return float(np.exp2(-(reference - self._landmark_ms) / self._half_life_ms))
+
+    def _window_index(self, window_s: int) -> int:
+        try:
+            return self.config.windows_s.index(window_s)
+        except ValueError:
+            raise ValueError(f"no {window_s} s window; configured: {self.config.windows_s}") from None
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        n = len(self.items)
+        return {
+            "config": asdict(self.config),
+            "items": self.items.state_dict(),
+            "types": self.types.state_dict(),
+            "total": self._total[:, :n].copy(),
+            "forward": self._forward[:, :n].copy(),
+            "windows": [w[:, :n].copy() for w in self._windows],
+            "landmark_ms": self._landmark_ms,
+            "max_ts_ms": self._max_ts_ms,
+            "watermarks": list(self._watermarks),
+            "pending": [
+                {bucket: [(k.copy(), r.copy()) for k, r in records] for bucket, records in p.items()}
+                for p in self._pending
+            ],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        config = dict(state["config"])
+        config["windows_s"] = tuple(config["windows_s"])
+        self._reset(CounterConfig(**config))
+        self.items.load_state_dict(state["items"])
+        self.types.load_state_dict(state["types"])
+        n = len(self.items)
+        self._alloc(max(n, 1))
+        self._total[:, :n] = state["total"]
+        self._forward[:, :n] = state["forward"]
+        for window, saved in zip(self._windows, state["windows"], strict=True):
+            window[:, :n] = saved
+        self._landmark_ms = state["landmark_ms"]
+        self._max_ts_ms = state["max_ts_ms"]
+        self._watermarks = list(state["watermarks"])
+        self._pending = [
+            {int(bucket): [(k.copy(), r.copy()) for k, r in records] for bucket, records in p.items()}
+            for p in state["pending"]
+        ]

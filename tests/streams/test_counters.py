@@ -1,0 +1,133 @@
+"""Item counters: exact against direct computation on ml-100k, independent of order and batching."""
+
+from __future__ import annotations
+
+import gzip
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from freshrec.settings import default_datasets_dir
+from streams.counters import CounterConfig, ItemCounters
+
+HOUR, DAY, WEEK = 3_600, 86_400, 604_800
+
+
+def ml_100k() -> tuple[list[str], list[str], np.ndarray]:
+    data_dir = default_datasets_dir()
+    assert data_dir is not None, "the shared datasets (../shared/data) must be beside the checkout"
+    lines = gzip.decompress((data_dir / "ml-100k" / "u.data.gz").read_bytes()).decode().splitlines()
+    rows = [line.split("\t") for line in lines]
+    types = ["rating" if int(r[2]) >= 3 else "view" for r in rows]  # two types, to exercise both axes
+    return [r[1] for r in rows], types, np.array([int(r[3]) * 1000 for r in rows], dtype=np.int64)
+
+
+def apply_in_batches(
+    counters: ItemCounters, items: list[str], types: list[str], ts: np.ndarray, seed: int
+) -> None:
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)  # arrival order unrelated to event time
+    at = 0
+    rng = random.Random(seed + 1)
+    while at < len(order):
+        size = rng.randint(1, 5000)
+        chosen = order[at : at + size]
+        counters.update([items[i] for i in chosen], [types[i] for i in chosen], ts[chosen])
+        at += size
+
+
+def test_counts_equal_a_direct_computation_on_ml_100k() -> None:
+    items, types, ts = ml_100k()
+    config = CounterConfig(half_life_s=7 * DAY, windows_s=(HOUR, DAY, WEEK), buckets=60)
+    counters = ItemCounters(config)
+    apply_in_batches(counters, items, types, ts, seed=3)
+
+    totals = Counter(zip(items, types, strict=True))
+    for (item, kind), count in totals.items():
+        assert counters.total(item, kind) == count
+    assert sum(counters.total(item) for item in set(items)) == 100_000
+
+    newest = int(ts.max())
+    assert counters.now_ms == newest
+    for window in (HOUR, DAY, WEEK):
+        width = window * 1000 // config.buckets
+        live = ts // width > newest // width - config.buckets
+        expected = Counter(np.array(items)[live].tolist())
+        assert sum(expected.values()) > 0 or window == HOUR
+        for item in set(items):
+            assert counters.windowed(item, window) == expected.get(item, 0), (window, item)
+
+    weights = np.exp2(-(newest - ts) / (config.half_life_s * 1000))
+    direct: dict[str, float] = {}
+    for item, weight in zip(items, weights, strict=True):
+        direct[item] = direct.get(item, 0.0) + float(weight)
+    for item, value in direct.items():
+        assert counters.decayed(item) == pytest.approx(value, rel=1e-9, abs=1e-12)
+
+    by_total = Counter(items).most_common(5)
+    assert [(i, int(s)) for i, s in counters.top(5)] == [(i, c) for i, c in by_total]
+    assert counters.top(3, kind="decayed")[0][0] == max(direct, key=direct.__getitem__)
+
+
+events = st.lists(
+    st.tuples(st.sampled_from("abcdefgh"), st.sampled_from(["view", "click"]), st.integers(0, 50_000_000)),
+    min_size=1,
+    max_size=200,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(events, st.randoms(use_true_random=False))
+def test_state_does_not_depend_on_order_or_batching(
+    batch: list[tuple[str, str, int]], rnd: random.Random
+) -> None:
+    config = CounterConfig(half_life_s=3600.0, windows_s=(60, 3600), buckets=6, max_types=4)
+    first, second = ItemCounters(config), ItemCounters(config)
+    first.update([e[0] for e in batch], [e[1] for e in batch], [e[2] for e in batch])
+    shuffled = batch[:]
+    rnd.shuffle(shuffled)
+    while shuffled:
+        size = rnd.randint(1, len(shuffled))
+        part, shuffled = shuffled[:size], shuffled[size:]
+        second.update([e[0] for e in part], [e[1] for e in part], [e[2] for e in part])
+    for item in "abcdefgh":
+        for kind in ("view", "click", None):
+            assert first.total(item, kind) == second.total(item, kind)
+            assert first.windowed(item, 60, kind) == second.windowed(item, 60, kind)
+            assert first.windowed(item, 3600, kind) == second.windowed(item, 3600, kind)
+            assert first.decayed(item, kind) == pytest.approx(
+                second.decayed(item, kind), rel=1e-9, abs=1e-300
+            )
+
+
+def test_state_dict_round_trip_resumes_exactly() -> None:
+    items, types, ts = ml_100k()
+    config = CounterConfig(half_life_s=DAY, windows_s=(HOUR, DAY), buckets=12)
+    whole = ItemCounters(config)
+    whole.update(items, types, ts)
+    resumed = ItemCounters(config)
+    resumed.update(items[:40_000], types[:40_000], ts[:40_000])
+    restored = ItemCounters()
+    restored.load_state_dict(resumed.state_dict())
+    restored.update(items[40_000:], types[40_000:], ts[40_000:])
+    for kind in ("total", HOUR, DAY):
+        assert np.array_equal(whole.scores(kind), restored.scores(kind))  # same first-seen rows
+    assert np.allclose(whole.scores("decayed"), restored.scores("decayed"), rtol=1e-9)
+
+
+def test_caps_bound_memory_and_count_the_overflow() -> None:
+    counters = ItemCounters(CounterConfig(max_items=10, max_types=2, windows_s=(60,), buckets=6))
+    counters.update([f"i{n}" for n in range(25)], ["view"] * 20 + ["click"] * 4 + ["skip"], list(range(25)))
+    assert len(counters.items) == 10 and counters.items.overflow == 15
+    assert counters.types.overflow == 1  # "skip" is a third type with max_types=2
+    counters.update(["i0"], ["purchase"], [30])  # and so is "purchase": not counted
+    assert counters.types.overflow == 2 and counters.total("i0") == 1
+    assert counters.nbytes() < 10_000
+    assert counters.top(3) == [("i0", 1.0), ("i1", 1.0), ("i2", 1.0)]
+    assert counters.total("never-seen") == 0 and counters.decayed("never-seen") == 0.0
+    with pytest.raises(ValueError, match="no 3600 s window"):
+        counters.windowed("i0", 3600)
