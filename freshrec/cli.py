@@ -207,6 +207,38 @@ def sink(until_idle: float | None, as_json: bool) -> None:
 
 
 @main.command()
+@click.option("--until-idle", type=click.FloatRange(min=0), help="Exit once drained for S seconds.")
+@click.option(
+    "--top", type=click.IntRange(min=0), default=10, show_default=True, help="Items in the summary."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
+def stream(until_idle: float | None, top: int, as_json: bool) -> None:
+    """Run a stream worker: real-time item counters, checkpointed with their offsets."""
+    from streams import worker as worker_module
+
+    settings = _settings()
+    with _errors():
+        worker, stats = worker_module.run(settings, until_idle_s=until_idle)
+    counters = worker.state.counters
+    result = {
+        "worker_id": settings.stream.worker_id,
+        "consumed": stats.consumed,
+        "counted": stats.counted,
+        "invalid": stats.invalid,
+        "duplicates": stats.duplicates,
+        "items": len(counters.items),
+        "counter_bytes": counters.nbytes(),
+        "checkpoint": str(worker.store.path),
+        "top_total": counters.top(top),
+        "top_decayed": counters.top(top, kind="decayed"),
+    }
+    if as_json:
+        _emit_json(result)
+    else:
+        _print_table(["", ""], [(k, v) for k, v in result.items()], title="stream worker")
+
+
+@main.command()
 @click.argument("query")
 @click.option("--json", "as_json", is_flag=True, help="Print rows as a JSON list of objects.")
 def sql(query: str, as_json: bool) -> None:

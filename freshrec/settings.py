@@ -17,7 +17,7 @@ from typing import Any, Final
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "SinkSettings", "Topics", "default_datasets_dir"]
+__all__ = ["Settings", "SinkSettings", "StreamSettings", "Topics", "default_datasets_dir"]
 
 _SECRET_HINTS: Final = ("password", "secret", "token", "key")
 
@@ -86,6 +86,27 @@ class SinkSettings(BaseModel):
     )
 
 
+class StreamSettings(BaseModel):
+    """The stream workers that keep real-time counters (``freshrec stream``)."""
+
+    group_id: str = Field("freshrec-stream", description="Consumer group shared by the stream workers.")
+    worker_id: str = Field(
+        "0",
+        pattern=r"^[A-Za-z0-9._-]{1,64}$",
+        description="This worker's stable name: its checkpoint file and its static group membership.",
+    )
+    batch_size: int = Field(10_000, ge=1, le=1_000_000, description="Most messages handled per batch.")
+    batch_timeout_s: float = Field(0.2, gt=0, description="Longest wait to fill a batch.")
+    checkpoint_interval_s: float = Field(
+        5.0, gt=0, description="How often state and offsets are written together to disk."
+    )
+    dedup_horizon: int = Field(1_000_000, ge=0, description="Recent event_ids remembered against re-sends.")
+    half_life_s: float = Field(86_400.0, gt=0, description="Half-life of decayed counts.")
+    windows_s: tuple[int, ...] = Field((3_600, 86_400, 604_800), description="Windowed-count lengths.")
+    window_buckets: int = Field(60, ge=1, le=3_600, description="Tumbling buckets per window.")
+    max_items: int = Field(1_000_000, ge=1, description="Items with counters; more are counted as overflow.")
+
+
 class Settings(BaseSettings):
     """All of freshrec's configuration. Build it once, in the CLI, and pass it down."""
 
@@ -135,6 +156,7 @@ class Settings(BaseSettings):
         600_000, ge=0, description="How far in the future an event's ts may be before it is rejected."
     )
     sink: SinkSettings = Field(default_factory=SinkSettings)
+    stream: StreamSettings = Field(default_factory=StreamSettings)
 
     @property
     def topics(self) -> Topics:

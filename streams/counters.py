@@ -257,7 +257,7 @@ class ItemCounters:
         self.items.load_state_dict(state["items"])
         self.types.load_state_dict(state["types"])
         n = len(self.items)
-        self._alloc(max(n, 1))
+        self._alloc(max(n, 1024), keep=False)
         self._total[:, :n] = state["total"]
         self._forward[:, :n] = state["forward"]
         for window, saved in zip(self._windows, state["windows"], strict=True):

@@ -44,9 +44,10 @@ from freshrec.events import REASON_DUPLICATE, parse_event
 from freshrec.settings import Settings
 from freshrec.store import Store
 from streams.admin import ensure_topics
+from streams.dedup import RecentIds
 from streams.producer import EventProducer
 
-__all__ = ["AuditSink", "RecentIds", "SinkStats", "run"]
+__all__ = ["AuditSink", "SinkStats", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,33 +59,6 @@ DEAD_LETTER_COLUMNS = (
     "topic", "partition", "offset", "key", "payload", "reason", "detail", "event_id",
     "kafka_ts", "received_at",
 )  # fmt: skip
-
-
-class RecentIds:
-    """A bounded set of the most recent ids: two generations of ``capacity // 2`` each.
-
-    Membership looks in both; when the young generation fills up, it becomes the old one and the old
-    one is dropped. So the set always remembers at least the last ``capacity // 2`` ids and never
-    more than ``capacity``, with O(1) insert, lookup and eviction and no per-id bookkeeping.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self._half = max(capacity // 2, 1) if capacity > 0 else 0
-        self._young: set[str] = set()
-        self._old: set[str] = set()
-
-    def __contains__(self, item: str) -> bool:
-        return item in self._young or item in self._old
-
-    def add(self, item: str) -> None:
-        if not self._half:
-            return
-        self._young.add(item)
-        if len(self._young) >= self._half:
-            self._old, self._young = self._young, set()
-
-    def __len__(self) -> int:
-        return len(self._young) + len(self._old)
 
 
 @dataclass(slots=True)

@@ -131,3 +131,6 @@ def test_caps_bound_memory_and_count_the_overflow() -> None:
     assert counters.total("never-seen") == 0 and counters.decayed("never-seen") == 0.0
     with pytest.raises(ValueError, match="no 3600 s window"):
         counters.windowed("i0", 3600)
+    restored = ItemCounters()
+    restored.load_state_dict(counters.state_dict())  # a small state into fresh, larger arrays
+    assert restored.top(3) == counters.top(3) and restored.windowed("i0", 60) == counters.windowed("i0", 60)

@@ -20,8 +20,8 @@ from freshrec.settings import Settings
 from freshrec.store import Store
 from streams import sink
 from streams.admin import ensure_topics
+from streams.dedup import RecentIds
 from streams.producer import EventProducer
-from streams.sink import RecentIds
 
 NOW_MS = int(time.time() * 1000)
 
@@ -92,6 +92,9 @@ def test_recent_ids_are_bounded_and_remember_the_latest_half() -> None:
     disabled = RecentIds(0)
     disabled.add("a")
     assert "a" not in disabled
+    restored = RecentIds(10)
+    restored.load_state_dict(recent.state_dict())
+    assert all(str(i) in restored for i in range(9_500, 10_000)) and len(restored) == len(recent)
 
 
 def test_every_message_lands_exactly_once_with_a_reason(settings: Settings, store: Store) -> None:

@@ -1,0 +1,279 @@
+"""Stream workers: ``events`` → validated → real-time counters, exactly once across ``kill -9``.
+
+**Exactly-once state.** A worker's state (counters, the recent-id set) and the Kafka offsets it
+reflects are written together, atomically, to one checkpoint file under
+``$FRESHREC_HOME/stream/<group>/<worker_id>.ckpt`` (write to a temporary file, fsync, rename). On start
+the worker loads it and seeks every assigned partition to the checkpointed offset, so the events
+after the checkpoint are applied exactly once more, and since the counters' final state does not
+depend on batching or order (see :mod:`streams.counters`), the result equals an uninterrupted run's.
+Kafka's committed offsets are not used for this: they could never be atomic with a local file.
+
+Why a local file rather than ClickHouse or a compacted topic: the checkpoint is the worker's
+private, fast, whole-state snapshot (tens of MB of numpy arrays), written every few seconds and read
+only by the same worker on restart; a file rename is the cheapest atomic write there is. The cost is
+that a worker's state lives on its disk: workers are stateful (a volume per worker in the
+docker-compose stack) and use **static group membership** (``group.instance.id`` = the worker id), so a
+restarted worker gets its own partitions back at once instead of after a session timeout.
+
+**Limitation (by design, for now)**: state is per worker, not per partition. A stable set of workers
+keeps its partitions (static membership, and the assignor is deterministic), and then each worker's
+counters cover exactly its partitions: the union over workers is the whole stream. Changing the
+number of workers moves partitions whose counts stay with their old owner; the fix is per-partition
+state (counts kept per partition and merged at read time), planned with the read API.
+
+**Duplicates**: an ``event_id`` already counted, within the last ``dedup_horizon``/2 to
+``dedup_horizon`` ids, is not counted again; the id set is part of the checkpoint.
+**Bad events** are skipped and counted (the audit sink dead-letters them); they never stop a worker.
+**Late events** count in ``total`` always, in a window only while their bucket is in it.
+
+Why confluent-kafka and not faust here: this is the per-event hot path; see ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+
+from freshrec.errors import InvalidEvent, KafkaUnavailable
+from freshrec.events import parse_event
+from freshrec.settings import Settings
+from streams.admin import ensure_topics
+from streams.counters import CounterConfig, ItemCounters
+from streams.dedup import RecentIds
+
+__all__ = ["CheckpointStore", "StreamState", "StreamStats", "StreamWorker", "run"]
+
+logger = logging.getLogger(__name__)
+
+_CHECKPOINT_VERSION = 1
+
+
+@dataclass(slots=True)
+class StreamStats:
+    consumed: int = 0
+    counted: int = 0
+    invalid: int = 0
+    duplicates: int = 0
+    batches: int = 0
+    checkpoints: int = 0
+
+
+class StreamState:
+    """Everything a worker checkpoints: counters, recent ids, and the offsets they reflect."""
+
+    def __init__(self, *, counters: ItemCounters, recent: RecentIds) -> None:
+        self.counters = counters
+        self.recent = recent
+        self.offsets: dict[tuple[str, int], int] = {}  # next offset to read, per (topic, partition)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _CHECKPOINT_VERSION,
+            "counters": self.counters.state_dict(),
+            "recent": self.recent.state_dict(),
+            "offsets": dict(self.offsets),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != _CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint version {state.get('version')} is not {_CHECKPOINT_VERSION}")
+        self.counters.load_state_dict(state["counters"])
+        self.recent.load_state_dict(state["recent"])
+        self.offsets = dict(state["offsets"])
+
+
+class CheckpointStore:
+    """One file per worker, replaced atomically (temporary file, fsync, rename, fsync of the folder)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> dict[str, Any] | None:
+        try:
+            with self.path.open("rb") as handle:
+                state: dict[str, Any] = pickle.load(handle)  # our own file, written by save()
+        except FileNotFoundError:
+            return None
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=self.path.parent, prefix=".ckpt-", delete=False) as tmp:
+            pickle.dump(state, tmp, protocol=pickle.HIGHEST_PROTOCOL)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp.name, self.path)
+        directory = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+class StreamWorker:
+    """Consume ``events`` as part of a group and keep :class:`StreamState` up to date."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        config = settings.stream
+        self._topic = settings.topics.events
+        self.state = StreamState(
+            counters=ItemCounters(
+                CounterConfig(
+                    half_life_s=config.half_life_s,
+                    windows_s=config.windows_s,
+                    buckets=config.window_buckets,
+                    max_items=config.max_items,
+                )
+            ),
+            recent=RecentIds(config.dedup_horizon),
+        )
+        self.store = CheckpointStore(settings.home / "stream" / config.group_id / f"{config.worker_id}.ckpt")
+        self.stats = StreamStats()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # readers take it to see whole batches only
+        self.assigned: frozenset[int] = frozenset()  # partitions currently owned
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def lock(self) -> threading.Lock:
+        """Held while a batch is applied: hold it to read a consistent state."""
+        return self._lock
+
+    def run(self, *, until_idle_s: float | None = None) -> StreamStats:
+        saved = self.store.load()
+        if saved is not None:
+            self.state.load_state_dict(saved)
+            logger.info("resumed from %s at offsets %s", self.store.path, self.state.offsets)
+        ensure_topics(self._settings)
+        config = self._settings.stream
+        consumer = Consumer(
+            self._settings.kafka_config(
+                **{
+                    "group.id": config.group_id,
+                    "group.instance.id": f"{config.group_id}-{config.worker_id}",
+                    "enable.auto.commit": False,  # positions come from the checkpoint
+                    "auto.offset.reset": "earliest",
+                    "session.timeout.ms": 30_000,
+                    "log_level": 3,
+                }
+            )
+        )
+        consumer.subscribe([self._topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        last_message = last_checkpoint = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                messages = consumer.consume(config.batch_size, config.batch_timeout_s)
+                now = time.monotonic()
+                if messages:
+                    self._apply(messages)
+                    last_message = now
+                if now - last_checkpoint >= config.checkpoint_interval_s:
+                    self.checkpoint()
+                    last_checkpoint = now
+                if (
+                    not messages
+                    and until_idle_s is not None
+                    and now - last_message >= until_idle_s
+                    and consumer.assignment()
+                ):
+                    logger.info("no message for %.1f s: drained, stopping", until_idle_s)
+                    break
+            self.checkpoint()
+        finally:
+            consumer.close()
+        return self.stats
+
+    def checkpoint(self) -> None:
+        with self._lock:
+            state = self.state.state_dict()
+        self.store.save(state)
+        self.stats.checkpoints += 1
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            tp.offset = self.state.offsets.get((tp.topic, tp.partition), OFFSET_BEGINNING)
+        consumer.assign(partitions)
+        self.assigned = frozenset(tp.partition for tp in partitions)
+        logger.info("assigned %s", [(tp.partition, tp.offset) for tp in partitions])
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        revoked = {tp.partition for tp in partitions}
+        counted = revoked & {p for (_, p) in self.state.offsets}
+        if counted:
+            # Per-worker state cannot hand these partitions' counts to their next owner; see the
+            # module docstring: workers are meant to keep their partitions (static membership).
+            logger.warning("partitions %s, already counted here, move to another worker", sorted(counted))
+        self.assigned = self.assigned - revoked
+
+    def _apply(self, messages: list[Message]) -> None:
+        now_ms = int(time.time() * 1000)
+        skew = self._settings.max_future_skew_ms
+        recent = self.state.recent
+        items: list[str] = []
+        types: list[str] = []
+        stamps: list[int] = []
+        offsets: dict[tuple[str, int], int] = {}
+        stats = self.stats
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.fatal():
+                    raise KafkaUnavailable(f"fatal consumer error: {error}")
+                if error.code() != KafkaError._PARTITION_EOF:
+                    logger.warning("consumer error (will retry): %s", error)
+                continue
+            stats.consumed += 1
+            # partition() and offset() are never None once error() is None; the stubs cannot know.
+            offsets[(self._topic, message.partition())] = message.offset() + 1  # type: ignore[index,operator]
+            kafka_ts = message.timestamp()[1]
+            reference_ms = kafka_ts if 0 < kafka_ts < now_ms else now_ms  # as the sink: replay-stable
+            try:
+                event = parse_event(message.value() or b"", now_ms=reference_ms, max_future_skew_ms=skew)
+            except InvalidEvent:
+                stats.invalid += 1
+                continue
+            if event.event_id in recent:
+                stats.duplicates += 1
+                continue
+            recent.add(event.event_id)
+            items.append(event.item_id)
+            types.append(event.type)
+            stamps.append(event.ts_ms)
+        with self._lock:
+            self.state.counters.update(items, types, stamps)
+            self.state.offsets.update(offsets)
+        stats.counted += len(items)
+        stats.batches += 1
+
+
+def run(settings: Settings, *, until_idle_s: float | None = None) -> tuple[StreamWorker, StreamStats]:
+    """Run a stream worker in this thread; SIGINT/SIGTERM checkpoint and stop it."""
+    worker = StreamWorker(settings)
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        logger.info("signal %d: checkpointing and stopping", signum)
+        worker.stop()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, _stop)
+    try:
+        return worker, worker.run(until_idle_s=until_idle_s)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

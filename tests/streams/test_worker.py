@@ -1,0 +1,200 @@
+"""Stream workers against the real broker: exact counters, exact after kill -9, groups that split."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import orjson
+from support import cli_env, freshrec_cli, wait_until
+
+from freshrec.datasets import load_dataset
+from freshrec.settings import Settings, StreamSettings
+from streams import replay
+from streams.admin import ensure_topics
+from streams.counters import ItemCounters
+from streams.producer import EventProducer
+from streams.worker import StreamState, StreamWorker
+
+HOUR, DAY = 3_600, 86_400
+
+
+def stream_settings(make_settings: Callable[..., Settings], **stream: object) -> Settings:
+    base = make_settings()
+    values: dict[str, object] = {
+        "group_id": f"stream-{base.topic_prefix}",
+        "windows_s": (HOUR, DAY),
+        "window_buckets": 12,
+        "half_life_s": float(DAY),
+        "checkpoint_interval_s": 0.5,
+        "batch_timeout_s": 0.1,
+        **stream,
+    }
+    return base.model_copy(update={"stream": StreamSettings(**values)})  # type: ignore[arg-type]
+
+
+def test_counters_after_a_replay_equal_the_dataset(make_settings: Callable[..., Settings]) -> None:
+    settings = stream_settings(make_settings)
+    replay.run(settings, "ml-100k")
+    worker = StreamWorker(settings)
+    stats = worker.run(until_idle_s=1.5)
+    assert (stats.consumed, stats.counted, stats.invalid, stats.duplicates) == (100_000, 100_000, 0, 0)
+
+    events = [
+        orjson.loads(r.value)
+        for r in load_dataset(
+            "ml-100k", datasets_dir=settings.datasets_dir, cache_dir=settings.cache_dir
+        ).records
+    ]
+    counters = worker.state.counters
+    expected = Counter(e["item_id"] for e in events)
+    assert {item: counters.total(item) for item in expected} == dict(expected)
+    stamps = np.array([e["ts"] for e in events])
+    newest = int(stamps.max())
+    for window in (HOUR, DAY):
+        width = window * 1000 // 12
+        in_window = Counter(e["item_id"] for e in events if e["ts"] // width > newest // width - 12)
+        assert {item: counters.windowed(item, window) for item in expected} == {
+            item: in_window.get(item, 0) for item in expected
+        }
+    # The checkpoint on exit holds the same state and the offsets it reflects.
+    saved = StreamState(counters=ItemCounters(), recent=worker.state.recent)
+    saved.load_state_dict(pickle.loads(worker.store.path.read_bytes()))
+    assert np.array_equal(saved.counters.scores("total"), counters.scores("total"))
+    assert sum(saved.offsets.values()) == 100_000
+
+
+def test_kill_9_and_restart_end_exactly_like_an_uninterrupted_run(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    settings = stream_settings(make_settings, worker_id="killed")
+    ensure_topics(settings)
+    env = cli_env(settings) | {
+        "FRESHREC_STREAM__GROUP_ID": settings.stream.group_id,
+        "FRESHREC_STREAM__WORKER_ID": "killed",
+        "FRESHREC_STREAM__WINDOWS_S": "[3600, 86400]",
+        "FRESHREC_STREAM__WINDOW_BUCKETS": "12",
+        "FRESHREC_STREAM__HALF_LIFE_S": str(float(DAY)),
+        "FRESHREC_STREAM__CHECKPOINT_INTERVAL_S": "0.3",
+        "FRESHREC_STREAM__BATCH_SIZE": "500",
+    }
+    rng = random.Random(11)
+    base_ts = 1_700_000_000_000
+    total = 30_000
+
+    def produce() -> None:
+        with EventProducer(settings) as producer:
+            for i in range(total):
+                # Out of order by up to two hours, some duplicates re-sent, some bad messages.
+                event = {
+                    "event_id": f"k{i}",
+                    "user_id": f"u{i % 311}",
+                    "item_id": f"i{int(rng.paretovariate(1.1)) % 700}",
+                    "type": ("view", "click")[i % 2],
+                    "ts": base_ts + i * 1_000 - rng.randint(0, 7_200_000),
+                }
+                value = orjson.dumps(event)
+                producer.produce(settings.topics.events, value, key=str(event["user_id"]).encode())
+                if i % 97 == 0:
+                    producer.produce(settings.topics.events, value, key=str(event["user_id"]).encode())
+                if i % 1009 == 0:
+                    producer.produce(settings.topics.events, b"{broken", key=b"x")
+                if i % 1000 == 999:
+                    producer.flush()
+                    time.sleep(0.15)  # events keep arriving for ~5 s, across the kills
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    checkpoint = settings.home / "stream" / settings.stream.group_id / "killed.ckpt"
+    try:
+        for _ in range(3):
+            process = subprocess.Popen(
+                [sys.executable, "-m", "freshrec", "stream"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            try:
+                seen = checkpoint.stat().st_mtime_ns if checkpoint.exists() else 0
+                wait_until(
+                    lambda s=seen, p=process: (
+                        (checkpoint.exists() and checkpoint.stat().st_mtime_ns > s)  # type: ignore[misc]
+                        or p.poll() is not None
+                    ),
+                    timeout_s=120,
+                )
+                assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+                time.sleep(random.uniform(0.1, 0.6))  # die anywhere between two checkpoints
+            finally:
+                if process.poll() is None:
+                    os.kill(process.pid, signal.SIGKILL)
+                _, stderr = process.communicate()
+            assert process.returncode == -signal.SIGKILL, stderr.decode()
+    finally:
+        producer.join(timeout=120)
+    final = orjson.loads(freshrec_cli("stream", "--until-idle", "2", "--json", env=env, timeout=300).stdout)
+    assert final["consumed"] > 0, "the last kill must leave events to replay"
+
+    reference = StreamWorker(
+        stream_settings(make_settings, group_id=f"reference-{settings.topic_prefix}", worker_id="ref")
+    )
+    ref_stats = reference.run(until_idle_s=1.5)
+    assert ref_stats.counted == total and ref_stats.duplicates == total // 97 + 1
+
+    killed = StreamState(counters=ItemCounters(), recent=reference.state.recent)
+    killed.load_state_dict(pickle.loads(checkpoint.read_bytes()))
+    ref = reference.state.counters
+    assert killed.counters.items.ids() and set(killed.counters.items.ids()) == set(ref.items.ids())
+    for item in ref.items.ids():
+        for kind in ("view", "click", None):
+            assert killed.counters.total(item, kind) == ref.total(item, kind)
+            assert killed.counters.windowed(item, HOUR, kind) == ref.windowed(item, HOUR, kind)
+            assert killed.counters.windowed(item, DAY, kind) == ref.windowed(item, DAY, kind)
+            assert np.isclose(killed.counters.decayed(item, kind), ref.decayed(item, kind), rtol=1e-9)
+    assert sum(killed.offsets.values()) == sum(reference.state.offsets.values())
+
+
+def test_two_workers_in_one_group_split_the_partitions(make_settings: Callable[..., Settings]) -> None:
+    settings = stream_settings(make_settings)
+    ensure_topics(settings)
+    workers = [
+        StreamWorker(
+            settings.model_copy(update={"stream": settings.stream.model_copy(update={"worker_id": w})})
+        )
+        for w in "ab"
+    ]
+    threads = [threading.Thread(target=w.run, kwargs={"until_idle_s": 8.0}) for w in workers]
+    for thread in threads:
+        thread.start()
+    # A stable group first (the documented way to run workers), then the data.
+    wait_until(
+        lambda: all(w.assigned for w in workers) and len(workers[0].assigned | workers[1].assigned) == 4,
+        timeout_s=60,
+    )
+    replay.run(settings, "ml-100k", limit=20_000)
+    for thread in threads:
+        thread.join(timeout=120)
+    partitions = [{p for (_, p) in w.state.offsets} for w in workers]
+    assert all(partitions) and not partitions[0] & partitions[1], partitions
+    assert partitions[0] | partitions[1] == set(range(settings.broker_partitions))
+
+    single = StreamWorker(stream_settings(make_settings, group_id=f"single-{settings.topic_prefix}"))
+    single.run(until_idle_s=1.5)
+    union: Counter[str] = Counter()
+    for worker in workers:
+        counters = worker.state.counters
+        union.update({item: counters.total(item) for item in counters.items.ids()})
+    assert union == Counter(
+        {item: single.state.counters.total(item) for item in single.state.counters.items.ids()}
+    )
+    assert sum(union.values()) == 20_000
