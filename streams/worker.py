@@ -144,6 +144,7 @@ class StreamWorker:
         self._stop = threading.Event()
         self._lock = threading.Lock()  # readers take it to see whole batches only
         self.assigned: frozenset[int] = frozenset()  # partitions currently owned
+        self._closing = False
 
     def stop(self) -> None:
         self._stop.set()
@@ -194,6 +195,7 @@ class StreamWorker:
                     break
             self.checkpoint()
         finally:
+            self._closing = True  # the revoke that close() triggers is not a move
             consumer.close()
         return self.stats
 
@@ -213,7 +215,7 @@ class StreamWorker:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {tp.partition for tp in partitions}
         counted = revoked & {p for (_, p) in self.state.offsets}
-        if counted:
+        if counted and not self._closing:
             # Per-worker state cannot hand these partitions' counts to their next owner; see the
             # module docstring: workers are meant to keep their partitions (static membership).
             logger.warning("partitions %s, already counted here, move to another worker", sorted(counted))

@@ -1,0 +1,140 @@
+"""Stream worker throughput: counters beside a bare consume-and-decode loop, in the same run.
+
+    python bench/stream_throughput.py [--events 1000000] [--rounds 1]
+
+Synthetic events, Zipf-distributed items (exponent 1.1 over 100,000 items), 200,000 users, through
+the local broker (or ``FRESHREC_KAFKA_BOOTSTRAP``). Each loop is a fresh consumer group timed from its
+first message to its last. Reported: events/s of the baseline (``consume(10000)`` + ``orjson.loads``)
+and of :class:`streams.worker.StreamWorker` updating total, decayed and 1 h / 1 d / 1 w windowed
+counters (checkpoints every 5 s included), their ratio, and the counters' memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import orjson
+from confluent_kafka import Consumer
+
+from freshrec.broker import LocalBroker
+from freshrec.settings import Settings, StreamSettings
+from streams.admin import ensure_topics
+from streams.producer import EventProducer
+from streams.worker import StreamWorker
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _decode_loop(settings: Settings, n: int) -> float:
+    consumer = Consumer(
+        settings.kafka_config(
+            **{
+                "group.id": f"bench-{uuid.uuid4().hex}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            }
+        )
+    )
+    consumer.subscribe([settings.topics.events])
+    seen, started, loads = 0, 0.0, orjson.loads
+    while seen < n:
+        batch = consumer.consume(10_000, 1.0)
+        if batch and not started:
+            started = time.perf_counter()
+        for message in batch:
+            loads(message.value())
+        seen += len(batch)
+    elapsed = time.perf_counter() - started
+    consumer.close()
+    return n / elapsed
+
+
+def _worker_rate(settings: Settings, n: int) -> tuple[float, int]:
+    group = f"bench-stream-{uuid.uuid4().hex[:8]}"
+    worker = StreamWorker(settings.model_copy(update={"stream": StreamSettings(group_id=group)}))
+    marks: dict[str, float] = {}
+    apply = worker._apply  # timing hook around the real batch handler
+
+    def timed(messages: list) -> None:  # type: ignore[type-arg]
+        marks.setdefault("first", time.perf_counter())
+        apply(messages)
+        if worker.stats.consumed >= n:
+            marks["last"] = time.perf_counter()
+            worker.stop()
+
+    worker._apply = timed  # type: ignore[method-assign]
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    thread.join()
+    assert worker.stats.counted == n, worker.stats
+    return n / (marks["last"] - marks["first"]), worker.state.counters.nbytes()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--rounds", type=int, default=1)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="freshrec-bench-"))
+    settings = Settings(home=tmp / "home", topic_prefix=f"bench-{uuid.uuid4().hex[:8]}.")
+    broker = None
+    if settings.uses_local_broker:
+        settings = settings.model_copy(
+            update={"broker_port": _free_port(), "broker_controller_port": _free_port()}
+        )
+        broker = LocalBroker(settings)
+        broker.start()
+    try:
+        ensure_topics(settings)
+        rng = np.random.default_rng(7)
+        items = rng.zipf(1.1, size=args.events) % 100_000
+        users = rng.integers(0, 200_000, size=args.events)
+        now = int(time.time() * 1000) - 86_400_000
+        started = time.perf_counter()
+        with EventProducer(settings) as producer:
+            for i in range(args.events):
+                user = f"u{users[i]}"
+                kind = ("view", "view", "view", "click", "purchase")[i % 5]
+                event = {
+                    "event_id": f"s{i}",
+                    "user_id": user,
+                    "item_id": f"i{items[i]}",
+                    "type": kind,
+                    "ts": now + i,
+                }
+                producer.produce(settings.topics.events, orjson.dumps(event), key=user.encode())
+        print(f"produced {args.events:,} events in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        best_loop = best_worker = 0.0
+        memory = 0
+        for round_no in range(1, args.rounds + 1):
+            loop = _decode_loop(settings, args.events)
+            worker, memory = _worker_rate(settings, args.events)
+            print(f"round {round_no}: decode loop {loop:,.0f}/s, counters {worker:,.0f}/s", file=sys.stderr)
+            best_loop, best_worker = max(best_loop, loop), max(best_worker, worker)
+        print(f"\nstream throughput, {args.events:,} events, best of {args.rounds}")
+        print(f"{'loop':<28}{'events/s':>12}{'ratio':>8}")
+        print(f"{'consume + orjson.loads':<28}{best_loop:>12,.0f}{1.0:>8.2f}")
+        print(f"{'stream worker (counters)':<28}{best_worker:>12,.0f}{best_worker / best_loop:>8.2f}")
+        print(f"counter arrays: {memory / 2**20:.1f} MiB")
+    finally:
+        if broker is not None:
+            broker.stop()
+
+
+if __name__ == "__main__":
+    main()
