@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from freshrec.cli import main
-from freshrec.settings import Settings, SinkSettings
+from freshrec.settings import Settings, SinkSettings, StreamSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ def _compose() -> dict[str, Any]:
 def test_services_are_well_formed_and_reference_declared_things() -> None:
     compose = _compose()
     services = compose["services"]
-    assert {"kafka", "clickhouse", "grafana", "sink"} <= set(services)
+    assert {"kafka", "clickhouse", "grafana", "sink", "stream"} <= set(services)
     for name, service in services.items():
         assert "image" in service or "build" in service, name
         for dependency in service.get("depends_on", {}):
@@ -59,7 +59,8 @@ def test_every_freshrec_variable_is_a_setting() -> None:
         key = name.removeprefix("FRESHREC_").lower()
         if "__" in key:
             section, field = key.split("__", 1)
-            assert section == "sink" and field in sink_fields, name
+            section_fields = {"sink": sink_fields, "stream": set(StreamSettings.model_fields)}
+            assert field in section_fields.get(section, set()), name
         else:
             assert key in fields, f"{name} is not a freshrec setting"
 
