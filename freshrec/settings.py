@@ -105,6 +105,8 @@ class StreamSettings(BaseModel):
     windows_s: tuple[int, ...] = Field((3_600, 86_400, 604_800), description="Windowed-count lengths.")
     window_buckets: int = Field(60, ge=1, le=3_600, description="Tumbling buckets per window.")
     max_items: int = Field(1_000_000, ge=1, description="Items with counters; more are counted as overflow.")
+    history_len: int = Field(50, ge=1, le=10_000, description="Recent events kept per user.")
+    max_users: int = Field(1_000_000, ge=1, description="Users with a history; the least recent are evicted.")
 
 
 class Settings(BaseSettings):

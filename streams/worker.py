@@ -51,6 +51,7 @@ from freshrec.settings import Settings
 from streams.admin import ensure_topics
 from streams.counters import CounterConfig, ItemCounters
 from streams.dedup import RecentIds
+from streams.histories import UserHistories
 
 __all__ = ["CheckpointStore", "StreamState", "StreamStats", "StreamWorker", "run"]
 
@@ -70,11 +71,14 @@ class StreamStats:
 
 
 class StreamState:
-    """Everything a worker checkpoints: counters, recent ids, and the offsets they reflect."""
+    """Everything a worker checkpoints: counters, user histories, recent ids, and their offsets."""
 
-    def __init__(self, *, counters: ItemCounters, recent: RecentIds) -> None:
+    def __init__(
+        self, *, counters: ItemCounters, recent: RecentIds, histories: UserHistories | None = None
+    ) -> None:
         self.counters = counters
         self.recent = recent
+        self.histories = histories or UserHistories()
         self.offsets: dict[tuple[str, int], int] = {}  # next offset to read, per (topic, partition)
 
     def state_dict(self) -> dict[str, Any]:
@@ -82,6 +86,7 @@ class StreamState:
             "version": _CHECKPOINT_VERSION,
             "counters": self.counters.state_dict(),
             "recent": self.recent.state_dict(),
+            "histories": self.histories.state_dict(),
             "offsets": dict(self.offsets),
         }
 
@@ -90,6 +95,7 @@ class StreamState:
             raise ValueError(f"checkpoint version {state.get('version')} is not {_CHECKPOINT_VERSION}")
         self.counters.load_state_dict(state["counters"])
         self.recent.load_state_dict(state["recent"])
+        self.histories.load_state_dict(state["histories"])
         self.offsets = dict(state["offsets"])
 
 
@@ -138,6 +144,7 @@ class StreamWorker:
                 )
             ),
             recent=RecentIds(config.dedup_horizon),
+            histories=UserHistories(max_len=config.history_len, max_users=config.max_users),
         )
         self.store = CheckpointStore(settings.home / "stream" / config.group_id / f"{config.worker_id}.ckpt")
         self.stats = StreamStats()
@@ -225,6 +232,7 @@ class StreamWorker:
         now_ms = int(time.time() * 1000)
         skew = self._settings.max_future_skew_ms
         recent = self.state.recent
+        users: list[str] = []
         items: list[str] = []
         types: list[str] = []
         stamps: list[int] = []
@@ -252,11 +260,13 @@ class StreamWorker:
                 stats.duplicates += 1
                 continue
             recent.add(event.event_id)
+            users.append(event.user_id)
             items.append(event.item_id)
             types.append(event.type)
             stamps.append(event.ts_ms)
         with self._lock:
             self.state.counters.update(items, types, stamps)
+            self.state.histories.append(users, items, types, stamps)
             self.state.offsets.update(offsets)
         stats.counted += len(items)
         stats.batches += 1

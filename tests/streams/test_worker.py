@@ -23,6 +23,7 @@ from freshrec.settings import Settings, StreamSettings
 from streams import replay
 from streams.admin import ensure_topics
 from streams.counters import ItemCounters
+from streams.dedup import RecentIds
 from streams.producer import EventProducer
 from streams.worker import StreamState, StreamWorker
 
@@ -67,8 +68,13 @@ def test_counters_after_a_replay_equal_the_dataset(make_settings: Callable[..., 
         assert {item: counters.windowed(item, window) for item in expected} == {
             item: in_window.get(item, 0) for item in expected
         }
+    # Each user's history is their last 50 events in replay (timestamp) order.
+    by_user: dict[str, list[str]] = {}
+    for e in events:
+        by_user.setdefault(e["user_id"], []).append(e["item_id"])
+    assert all(worker.state.histories.items(user) == seq[-50:] for user, seq in by_user.items())
     # The checkpoint on exit holds the same state and the offsets it reflects.
-    saved = StreamState(counters=ItemCounters(), recent=worker.state.recent)
+    saved = StreamState(counters=ItemCounters(), recent=RecentIds(0))
     saved.load_state_dict(pickle.loads(worker.store.path.read_bytes()))
     assert np.array_equal(saved.counters.scores("total"), counters.scores("total"))
     assert sum(saved.offsets.values()) == 100_000
@@ -151,7 +157,7 @@ def test_kill_9_and_restart_end_exactly_like_an_uninterrupted_run(
     ref_stats = reference.run(until_idle_s=1.5)
     assert ref_stats.counted == total and ref_stats.duplicates == total // 97 + 1
 
-    killed = StreamState(counters=ItemCounters(), recent=reference.state.recent)
+    killed = StreamState(counters=ItemCounters(), recent=RecentIds(0))
     killed.load_state_dict(pickle.loads(checkpoint.read_bytes()))
     ref = reference.state.counters
     assert killed.counters.items.ids() and set(killed.counters.items.ids()) == set(ref.items.ids())
@@ -162,6 +168,9 @@ def test_kill_9_and_restart_end_exactly_like_an_uninterrupted_run(
             assert killed.counters.windowed(item, DAY, kind) == ref.windowed(item, DAY, kind)
             assert np.isclose(killed.counters.decayed(item, kind), ref.decayed(item, kind), rtol=1e-9)
     assert sum(killed.offsets.values()) == sum(reference.state.offsets.values())
+    users = {f"u{i}" for i in range(311)}
+    assert all(killed.histories.get(u) == reference.state.histories.get(u) for u in users)
+    assert all(reference.state.histories.get(u) for u in users)
 
 
 def test_two_workers_in_one_group_split_the_partitions(make_settings: Callable[..., Settings]) -> None:

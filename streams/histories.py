@@ -1,0 +1,82 @@
+"""Per-user recent histories: the last ``max_len`` events of each user, oldest first.
+
+A user's events are keyed by ``user_id`` and so live in one partition, whose order is the same on
+every replay: appending in arrival order gives the same history after a crash and replay as in an
+uninterrupted run. Memory is bounded twice: ``max_len`` events per user, and ``max_users`` users, the
+least recently active evicted first (exactness across replays holds while under that cap, since which
+user is evicted first can depend on how partitions interleave).
+
+>>> h = UserHistories(max_len=2, max_users=10)
+>>> h.append(["u", "u", "u"], ["a", "b", "c"], ["view", "view", "click"], [1, 2, 3])
+>>> h.items("u")
+['b', 'c']
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+__all__ = ["HistoryEntry", "UserHistories"]
+
+
+class HistoryEntry(NamedTuple):
+    item_id: str
+    type: str
+    ts_ms: int
+
+
+class UserHistories:
+    """Bounded recent history per user; see the module docstring."""
+
+    def __init__(self, *, max_len: int = 50, max_users: int = 1_000_000) -> None:
+        if max_len < 1 or max_users < 1:
+            raise ValueError("max_len and max_users must be at least 1")
+        self.max_len = max_len
+        self.max_users = max_users
+        self._users: OrderedDict[str, deque[HistoryEntry]] = OrderedDict()
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    def append(
+        self, users: Sequence[str], items: Sequence[str], types: Sequence[str], ts_ms: Sequence[int]
+    ) -> None:
+        """Append a batch of events, in arrival order."""
+        table, max_len = self._users, self.max_len
+        for user, item, kind, ts in zip(users, items, types, ts_ms, strict=True):
+            history = table.get(user)
+            if history is None:
+                history = table[user] = deque(maxlen=max_len)
+                if len(table) > self.max_users:
+                    table.popitem(last=False)
+                    self.evicted += 1
+            else:
+                table.move_to_end(user)
+            history.append(HistoryEntry(item, kind, int(ts)))
+
+    def get(self, user: str) -> list[HistoryEntry]:
+        """The user's recent events, oldest first (empty for an unknown user)."""
+        return list(self._users.get(user, ()))
+
+    def items(self, user: str) -> list[str]:
+        return [entry.item_id for entry in self._users.get(user, ())]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "max_len": self.max_len,
+            "max_users": self.max_users,
+            "evicted": self.evicted,
+            "users": [(user, [tuple(e) for e in history]) for user, history in self._users.items()],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.max_len = int(state["max_len"])
+        self.max_users = int(state["max_users"])
+        self.evicted = int(state["evicted"])
+        self._users = OrderedDict(
+            (user, deque((HistoryEntry(*entry) for entry in entries), maxlen=self.max_len))
+            for user, entries in state["users"]
+        )
