@@ -106,6 +106,9 @@ class StreamSettings(BaseModel):
     window_buckets: int = Field(60, ge=1, le=3_600, description="Tumbling buckets per window.")
     max_items: int = Field(1_000_000, ge=1, description="Items with counters; more are counted as overflow.")
     history_len: int = Field(50, ge=1, le=10_000, description="Recent events kept per user.")
+    heads: tuple[str, ...] = Field(
+        ("mf", "engagement"), description="Incremental heads learning from every event (mf, engagement)."
+    )
     max_users: int = Field(1_000_000, ge=1, description="Users with a history; the least recent are evicted.")
 
 

@@ -56,6 +56,12 @@ class StateReader:
         with self._worker.lock:
             return self._worker.state.histories.get(user_id)
 
+    def score(self, user_id: str, item_id: str, head: str) -> tuple[float, float]:
+        """A head's score for the pair and its uncertainty in [0, 1]."""
+        with self._worker.lock:
+            model = self._worker.state.heads[head]
+            return model.predict_one(user_id, item_id), model.uncertainty_one(user_id, item_id)
+
     def offsets(self) -> dict[tuple[str, int], int]:
         """The next offset per (topic, partition) the state reflects."""
         with self._worker.lock:

@@ -87,6 +87,7 @@ class AuditSink:
         self._batch_size = settings.sink.batch_size
         self._batch_timeout_s = settings.sink.batch_timeout_s
         self._stop = threading.Event()
+        self._assigned_at = 0.0
         self.stats = SinkStats()
         self._recent = RecentIds(settings.sink.dedup_horizon)
         # Highest offset already in ClickHouse, per table and partition (filled on assignment).
@@ -132,7 +133,7 @@ class AuditSink:
                     last_message = time.monotonic()
                 elif (
                     until_idle_s is not None
-                    and time.monotonic() - last_message >= until_idle_s
+                    and time.monotonic() - max(last_message, self._assigned_at) >= until_idle_s
                     and self._consumer.assignment()
                 ):
                     logger.info("no message for %.1f s: drained, stopping", until_idle_s)
@@ -152,6 +153,8 @@ class AuditSink:
     # ------------------------------------------------------------------ assignment and recovery
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Idleness counts from the (re)assignment: a slow group join is not an empty topic.
+        self._assigned_at = time.monotonic()
         wanted = [tp.partition for tp in partitions]
         self._stored_events.update(self._max_offsets("events", wanted))
         self._stored_dead.update(self._max_offsets("dead_letters", wanted))

@@ -25,6 +25,11 @@ state (counts kept per partition and merged at read time), planned with the read
 ``dedup_horizon`` ids, is not counted again; the id set is part of the checkpoint.
 **Bad events** are skipped and counted (the audit sink dead-letters them); they never stop a worker.
 **Late events** count in ``total`` always, in a window only while their bucket is in it.
+**Heads** (river, :mod:`learners`) learn from every counted event and are checkpointed with the rest:
+no event is learned twice or lost across a crash. Unlike the counters, SGD depends on the order of
+events, and the interleaving of partitions differs between runs, so after a replay a head's weights
+equal an uninterrupted run's only when the topic has one partition (each user's own order is always
+kept).
 
 Why confluent-kafka and not faust here: this is the per-event hot path; see ``docs/benchmarks.md``.
 """
@@ -45,15 +50,18 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
-from freshrec.errors import InvalidEvent, KafkaUnavailable
-from freshrec.events import parse_event
+from freshrec.errors import ConfigError, InvalidEvent, KafkaUnavailable
+from freshrec.events import Event, parse_event
 from freshrec.settings import Settings
+from learners.base import Head
+from learners.ctr import EngagementHead
+from learners.mf import MatrixFactorisationHead
 from streams.admin import ensure_topics
 from streams.counters import CounterConfig, ItemCounters
 from streams.dedup import RecentIds
 from streams.histories import UserHistories
 
-__all__ = ["CheckpointStore", "StreamState", "StreamStats", "StreamWorker", "run"]
+__all__ = ["CheckpointStore", "StreamState", "StreamStats", "StreamWorker", "make_head", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +82,17 @@ class StreamState:
     """Everything a worker checkpoints: counters, user histories, recent ids, and their offsets."""
 
     def __init__(
-        self, *, counters: ItemCounters, recent: RecentIds, histories: UserHistories | None = None
+        self,
+        *,
+        counters: ItemCounters,
+        recent: RecentIds,
+        histories: UserHistories | None = None,
+        heads: dict[str, Head] | None = None,
     ) -> None:
         self.counters = counters
         self.recent = recent
         self.histories = histories or UserHistories()
+        self.heads = heads or {}
         self.offsets: dict[tuple[str, int], int] = {}  # next offset to read, per (topic, partition)
 
     def state_dict(self) -> dict[str, Any]:
@@ -87,6 +101,7 @@ class StreamState:
             "counters": self.counters.state_dict(),
             "recent": self.recent.state_dict(),
             "histories": self.histories.state_dict(),
+            "heads": {name: head.state_dict() for name, head in self.heads.items()},
             "offsets": dict(self.offsets),
         }
 
@@ -96,6 +111,12 @@ class StreamState:
         self.counters.load_state_dict(state["counters"])
         self.recent.load_state_dict(state["recent"])
         self.histories.load_state_dict(state["histories"])
+        if set(state["heads"]) != set(self.heads):
+            raise ValueError(
+                f"checkpoint has heads {sorted(state['heads'])}, this worker {sorted(self.heads)}"
+            )
+        for name, head in self.heads.items():
+            head.load_state_dict(state["heads"][name])
         self.offsets = dict(state["offsets"])
 
 
@@ -127,6 +148,15 @@ class CheckpointStore:
             os.close(directory)
 
 
+def make_head(name: str) -> Head:
+    """A head by its settings name."""
+    if name == "mf":
+        return MatrixFactorisationHead()
+    if name == "engagement":
+        return EngagementHead()
+    raise ConfigError(f"unknown head {name!r} in FRESHREC_STREAM__HEADS; known: mf, engagement")
+
+
 class StreamWorker:
     """Consume ``events`` as part of a group and keep :class:`StreamState` up to date."""
 
@@ -145,10 +175,12 @@ class StreamWorker:
             ),
             recent=RecentIds(config.dedup_horizon),
             histories=UserHistories(max_len=config.history_len, max_users=config.max_users),
+            heads={name: make_head(name) for name in config.heads},
         )
         self.store = CheckpointStore(settings.home / "stream" / config.group_id / f"{config.worker_id}.ckpt")
         self.stats = StreamStats()
         self._stop = threading.Event()
+        self._assigned_at = 0.0
         self._lock = threading.Lock()  # readers take it to see whole batches only
         self.assigned: frozenset[int] = frozenset()  # partitions currently owned
         self._closing = False
@@ -195,7 +227,7 @@ class StreamWorker:
                 if (
                     not messages
                     and until_idle_s is not None
-                    and now - last_message >= until_idle_s
+                    and now - max(last_message, self._assigned_at) >= until_idle_s
                     and consumer.assignment()
                 ):
                     logger.info("no message for %.1f s: drained, stopping", until_idle_s)
@@ -213,6 +245,8 @@ class StreamWorker:
         self.stats.checkpoints += 1
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Idleness counts from the (re)assignment: a slow group join is not an empty topic.
+        self._assigned_at = time.monotonic()
         for tp in partitions:
             tp.offset = self.state.offsets.get((tp.topic, tp.partition), OFFSET_BEGINNING)
         consumer.assign(partitions)
@@ -232,6 +266,7 @@ class StreamWorker:
         now_ms = int(time.time() * 1000)
         skew = self._settings.max_future_skew_ms
         recent = self.state.recent
+        learned: list[Event] = []
         users: list[str] = []
         items: list[str] = []
         types: list[str] = []
@@ -260,6 +295,7 @@ class StreamWorker:
                 stats.duplicates += 1
                 continue
             recent.add(event.event_id)
+            learned.append(event)
             users.append(event.user_id)
             items.append(event.item_id)
             types.append(event.type)
@@ -267,6 +303,10 @@ class StreamWorker:
         with self._lock:
             self.state.counters.update(items, types, stamps)
             self.state.histories.append(users, items, types, stamps)
+            for head in self.state.heads.values():
+                learn = head.learn_one
+                for event in learned:
+                    learn(event)
             self.state.offsets.update(offsets)
         stats.counted += len(items)
         stats.batches += 1

@@ -22,10 +22,8 @@ from freshrec.datasets import load_dataset
 from freshrec.settings import Settings, StreamSettings
 from streams import replay
 from streams.admin import ensure_topics
-from streams.counters import ItemCounters
-from streams.dedup import RecentIds
 from streams.producer import EventProducer
-from streams.worker import StreamState, StreamWorker
+from streams.worker import StreamWorker
 
 HOUR, DAY = 3_600, 86_400
 
@@ -74,7 +72,7 @@ def test_counters_after_a_replay_equal_the_dataset(make_settings: Callable[..., 
         by_user.setdefault(e["user_id"], []).append(e["item_id"])
     assert all(worker.state.histories.items(user) == seq[-50:] for user, seq in by_user.items())
     # The checkpoint on exit holds the same state and the offsets it reflects.
-    saved = StreamState(counters=ItemCounters(), recent=RecentIds(0))
+    saved = StreamWorker(settings).state
     saved.load_state_dict(pickle.loads(worker.store.path.read_bytes()))
     assert np.array_equal(saved.counters.scores("total"), counters.scores("total"))
     assert sum(saved.offsets.values()) == 100_000
@@ -157,7 +155,7 @@ def test_kill_9_and_restart_end_exactly_like_an_uninterrupted_run(
     ref_stats = reference.run(until_idle_s=1.5)
     assert ref_stats.counted == total and ref_stats.duplicates == total // 97 + 1
 
-    killed = StreamState(counters=ItemCounters(), recent=RecentIds(0))
+    killed = StreamWorker(settings).state
     killed.load_state_dict(pickle.loads(checkpoint.read_bytes()))
     ref = reference.state.counters
     assert killed.counters.items.ids() and set(killed.counters.items.ids()) == set(ref.items.ids())
