@@ -62,9 +62,9 @@ def _decode_loop(settings: Settings, n: int) -> float:
     return n / elapsed
 
 
-def _worker_rate(settings: Settings, n: int) -> tuple[float, int]:
+def _worker_rate(settings: Settings, n: int, heads: tuple[str, ...]) -> tuple[float, int]:
     group = f"bench-stream-{uuid.uuid4().hex[:8]}"
-    worker = StreamWorker(settings.model_copy(update={"stream": StreamSettings(group_id=group)}))
+    worker = StreamWorker(settings.model_copy(update={"stream": StreamSettings(group_id=group, heads=heads)}))
     marks: dict[str, float] = {}
     apply = worker._apply  # timing hook around the real batch handler
 
@@ -119,17 +119,25 @@ def main() -> None:
                 }
                 producer.produce(settings.topics.events, orjson.dumps(event), key=user.encode())
         print(f"produced {args.events:,} events in {time.perf_counter() - started:.1f} s", file=sys.stderr)
-        best_loop = best_worker = 0.0
+        best = {"loop": 0.0, "counters": 0.0, "heads": 0.0}
         memory = 0
         for round_no in range(1, args.rounds + 1):
             loop = _decode_loop(settings, args.events)
-            worker, memory = _worker_rate(settings, args.events)
-            print(f"round {round_no}: decode loop {loop:,.0f}/s, counters {worker:,.0f}/s", file=sys.stderr)
-            best_loop, best_worker = max(best_loop, loop), max(best_worker, worker)
+            counters, memory = _worker_rate(settings, args.events, heads=())
+            heads, _ = _worker_rate(settings, args.events, heads=("mf", "engagement"))
+            print(
+                f"round {round_no}: loop {loop:,.0f}/s, counters {counters:,.0f}/s, +heads {heads:,.0f}/s",
+                file=sys.stderr,
+            )
+            best = {k: max(best[k], v) for k, v in (("loop", loop), ("counters", counters), ("heads", heads))}
         print(f"\nstream throughput, {args.events:,} events, best of {args.rounds}")
-        print(f"{'loop':<28}{'events/s':>12}{'ratio':>8}")
-        print(f"{'consume + orjson.loads':<28}{best_loop:>12,.0f}{1.0:>8.2f}")
-        print(f"{'stream worker (counters)':<28}{best_worker:>12,.0f}{best_worker / best_loop:>8.2f}")
+        print(f"{'loop':<36}{'events/s':>12}{'ratio':>8}")
+        print(f"{'consume + orjson.loads':<36}{best['loop']:>12,.0f}{1.0:>8.2f}")
+        for name, label in (
+            ("counters", "stream worker, counters"),
+            ("heads", "... + mf + engagement heads"),
+        ):
+            print(f"{label:<36}{best[name]:>12,.0f}{best[name] / best['loop']:>8.2f}")
         print(f"counter arrays: {memory / 2**20:.1f} MiB")
     finally:
         if broker is not None:

@@ -34,7 +34,7 @@ class RecentIds:
         return len(self._young) + len(self._old)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"half": self._half, "young": sorted(self._young), "old": sorted(self._old)}
+        return {"half": self._half, "young": list(self._young), "old": list(self._old)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._half = int(state["half"])
