@@ -56,6 +56,11 @@ class StateReader:
         with self._worker.lock:
             return self._worker.state.histories.get(user_id)
 
+    def neighbours(self, item_id: str, k: int = 10) -> list[tuple[str, float]]:
+        """Items most often seen near ``item_id`` in users' recent windows."""
+        with self._worker.lock:
+            return self._worker.state.cooccurrence.neighbours(item_id, k)
+
     def score(self, user_id: str, item_id: str, head: str) -> tuple[float, float]:
         """A head's score for the pair and its uncertainty in [0, 1]."""
         with self._worker.lock:

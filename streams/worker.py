@@ -57,6 +57,7 @@ from learners.base import Head
 from learners.ctr import EngagementHead
 from learners.mf import MatrixFactorisationHead
 from streams.admin import ensure_topics
+from streams.cooccurrence import CoOccurrence
 from streams.counters import CounterConfig, ItemCounters
 from streams.dedup import RecentIds
 from streams.histories import UserHistories
@@ -79,7 +80,7 @@ class StreamStats:
 
 
 class StreamState:
-    """Everything a worker checkpoints: counters, user histories, recent ids, and their offsets."""
+    """Everything a worker checkpoints: counters, histories, co-occurrence, heads, recent ids, offsets."""
 
     def __init__(
         self,
@@ -88,10 +89,12 @@ class StreamState:
         recent: RecentIds,
         histories: UserHistories | None = None,
         heads: dict[str, Head] | None = None,
+        cooccurrence: CoOccurrence | None = None,
     ) -> None:
         self.counters = counters
         self.recent = recent
         self.histories = histories or UserHistories()
+        self.cooccurrence = cooccurrence or CoOccurrence()
         self.heads = heads or {}
         self.offsets: dict[tuple[str, int], int] = {}  # next offset to read, per (topic, partition)
 
@@ -101,6 +104,7 @@ class StreamState:
             "counters": self.counters.state_dict(),
             "recent": self.recent.state_dict(),
             "histories": self.histories.state_dict(),
+            "cooccurrence": self.cooccurrence.state_dict(),
             "heads": {name: head.state_dict() for name, head in self.heads.items()},
             "offsets": dict(self.offsets),
         }
@@ -111,6 +115,7 @@ class StreamState:
         self.counters.load_state_dict(state["counters"])
         self.recent.load_state_dict(state["recent"])
         self.histories.load_state_dict(state["histories"])
+        self.cooccurrence.load_state_dict(state["cooccurrence"])
         if set(state["heads"]) != set(self.heads):
             raise ValueError(
                 f"checkpoint has heads {sorted(state['heads'])}, this worker {sorted(self.heads)}"
@@ -310,7 +315,10 @@ class StreamWorker:
             stamps.append(event.ts_ms)
         with self._lock:
             self.state.counters.update(items, types, stamps)
-            self.state.histories.append(users, items, types, stamps)
+            histories = self.state.histories
+            before = {user: histories.items(user) for user in set(users)}
+            self.state.cooccurrence.observe_batch(users, items, before)
+            histories.append(users, items, types, stamps)
             for head in self.state.heads.values():
                 learn = head.learn_one
                 for event in learned:

@@ -60,6 +60,7 @@ def test_events_become_visible_through_the_reader_while_the_worker_runs(
     counts = reader.counts("item-2", event_type="click")
     assert (counts.total, counts.windowed) == (6, {3600: 6}) and counts.decayed > 5.99
     assert sum(reader.offsets().values()) == 20
+    assert [item for item, _ in reader.neighbours("item-0")] == ["item-1", "item-2"]
     latencies.sort()
     print(f"produce-to-visible latency: p50 {latencies[10] * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms")
     assert latencies[10] < 1.0  # the median event is readable within a second

@@ -1,0 +1,115 @@
+"""Item-item co-occurrence within each user's recent window, pruned to the top neighbours per item.
+
+When a user interacts with item ``i``, every distinct item ``j`` among their last ``window`` items
+(other than ``i``) gains one co-occurrence with ``i`` and ``i`` with ``j``. Each item keeps at most
+``2 * max_neighbours`` counts; past that it is pruned back to its ``max_neighbours`` strongest
+(ties broken by item id, so pruning is deterministic), as Pinterest's and Metarank's memorising
+counters do. Memory: at most ``max_items`` items (least recently updated evicted) times
+``2 * max_neighbours`` entries.
+
+Counts are exact while no pruning or eviction has happened; after that, strong pairs survive and the
+weakest are forgotten (a neighbour list, not an audit).
+
+>>> co = CoOccurrence(window=3, max_neighbours=10)
+>>> co.observe("u", "a", recent=[])
+>>> co.observe("u", "b", recent=["a"])
+>>> co.observe("v", "b", recent=["c", "a"])
+>>> co.neighbours("b", 5)
+[('a', 2.0), ('c', 1.0)]
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+__all__ = ["CoOccurrence"]
+
+
+class CoOccurrence:
+    """Symmetric co-occurrence counts over users' recent windows; see the module docstring."""
+
+    def __init__(self, *, window: int = 5, max_neighbours: int = 50, max_items: int = 200_000) -> None:
+        if window < 1 or max_neighbours < 1 or max_items < 1:
+            raise ValueError("window, max_neighbours and max_items must be at least 1")
+        self.window = window
+        self.max_neighbours = max_neighbours
+        self.max_items = max_items
+        self._counts: OrderedDict[str, dict[str, float]] = OrderedDict()
+        self.pruned = 0
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def observe(self, user_id: str, item_id: str, *, recent: Sequence[str]) -> None:
+        """Count ``item_id`` against the user's ``recent`` items (oldest first, before this event)."""
+        partners: list[str] = []
+        for other in reversed(recent):
+            if other != item_id and other not in partners:
+                partners.append(other)
+                if len(partners) == self.window:
+                    break
+        for other in partners:
+            self._bump(item_id, other)
+            self._bump(other, item_id)
+
+    def observe_batch(
+        self, users: Sequence[str], items: Sequence[str], history: dict[str, list[str]]
+    ) -> None:
+        """Observe a batch in order; ``history`` maps each user to their items before the batch and is
+        extended in place as the batch goes (so events within one batch see each other)."""
+        for user, item in zip(users, items, strict=True):
+            recent = history.setdefault(user, [])
+            self.observe(user, item, recent=recent)
+            recent.append(item)
+
+    def neighbours(self, item_id: str, k: int) -> list[tuple[str, float]]:
+        """The ``k`` items most often seen near ``item_id``, strongest first (ties by id)."""
+        counts = self._counts.get(item_id)
+        if not counts:
+            return []
+        return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+
+    def score(self, recent: Iterable[str], *, exclude: set[str] | None = None) -> dict[str, float]:
+        """Candidate scores for a user: the summed co-occurrence of each item with their recent items."""
+        scores: dict[str, float] = {}
+        for item in recent:
+            for other, count in self._counts.get(item, {}).items():
+                if exclude is None or other not in exclude:
+                    scores[other] = scores.get(other, 0.0) + count
+        return scores
+
+    def _bump(self, item: str, other: str) -> None:
+        counts = self._counts.get(item)
+        if counts is None:
+            counts = self._counts[item] = {}
+            if len(self._counts) > self.max_items:
+                self._counts.popitem(last=False)
+                self.evicted += 1
+        else:
+            self._counts.move_to_end(item)
+        counts[other] = counts.get(other, 0.0) + 1.0
+        if len(counts) > 2 * self.max_neighbours:
+            keep = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: self.max_neighbours]
+            self._counts[item] = dict(keep)
+            self.pruned += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "window": self.window,
+            "max_neighbours": self.max_neighbours,
+            "max_items": self.max_items,
+            "pruned": self.pruned,
+            "evicted": self.evicted,
+            "counts": [(item, dict(counts)) for item, counts in self._counts.items()],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.window = int(state["window"])
+        self.max_neighbours = int(state["max_neighbours"])
+        self.max_items = int(state["max_items"])
+        self.pruned = int(state["pruned"])
+        self.evicted = int(state["evicted"])
+        self._counts = OrderedDict((item, dict(counts)) for item, counts in state["counts"])

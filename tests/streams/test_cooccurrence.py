@@ -1,0 +1,63 @@
+"""Co-occurrence: exact pair counts before pruning, bounded after, deterministic, round-trips."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from streams.cooccurrence import CoOccurrence
+
+
+def brute_force(sessions: list[tuple[str, str]], window: int) -> Counter[tuple[str, str]]:
+    pairs: Counter[tuple[str, str]] = Counter()
+    history: dict[str, list[str]] = {}
+    for user, item in sessions:
+        partners: list[str] = []
+        for other in reversed(history.get(user, [])):
+            if other != item and other not in partners:
+                partners.append(other)
+                if len(partners) == window:
+                    break
+        for other in partners:
+            pairs[(item, other)] += 1
+            pairs[(other, item)] += 1
+        history.setdefault(user, []).append(item)
+    return pairs
+
+
+def test_counts_are_exact_before_pruning_whatever_the_batching() -> None:
+    rng = random.Random(2)
+    sessions = [(f"u{rng.randrange(30)}", f"i{rng.randrange(40)}") for _ in range(3000)]
+    batched = CoOccurrence(window=4, max_neighbours=1000)
+    history: dict[str, list[str]] = {}
+    for start in range(0, len(sessions), 257):
+        part = sessions[start : start + 257]
+        batched.observe_batch([u for u, _ in part], [i for _, i in part], history)
+    expected = brute_force(sessions, 4)
+    for item in {i for _, i in sessions}:
+        got = dict(batched.neighbours(item, 10_000))
+        assert got == {o: float(c) for (a, o), c in expected.items() if a == item}
+    assert batched.pruned == 0
+
+
+def test_pruning_bounds_memory_and_keeps_the_strong_pairs() -> None:
+    co = CoOccurrence(window=2, max_neighbours=3, max_items=50)
+    history: dict[str, list[str]] = {}
+    rng = random.Random(4)
+    users, items = [], []
+    for n in range(5000):
+        users.append(f"u{n % 97}")
+        items.append("hub" if n % 2 else f"i{rng.randrange(500)}")
+    co.observe_batch(users, items, history)
+    assert len(co) <= 50 and co.pruned > 0 and co.evicted > 0
+    assert all(len(co._counts[item]) <= 6 for item in co._counts)
+    assert co.neighbours("hub", 1) and co.neighbours("hub", 1)[0][1] >= 1
+
+
+def test_scores_exclude_seen_items_and_state_round_trips() -> None:
+    co = CoOccurrence(window=3)
+    co.observe_batch(["a", "a", "a", "b", "b"], ["x", "y", "z", "x", "y"], {})
+    assert co.score(["x"], exclude={"y"}) == {"z": 1.0}
+    copy = CoOccurrence()
+    copy.load_state_dict(co.state_dict())
+    assert copy.neighbours("x", 5) == co.neighbours("x", 5) == [("y", 2.0), ("z", 1.0)]
