@@ -238,6 +238,36 @@ def stream(until_idle: float | None, top: int, as_json: bool) -> None:
         _print_table(["", ""], [(k, v) for k, v in result.items()], title="stream worker")
 
 
+@main.group("eval")
+def eval_() -> None:
+    """Evaluate the recommenders."""
+
+
+@eval_.command("prequential")
+@click.argument("dataset")
+@click.option("--limit", type=click.IntRange(min=1), help="Evaluate only the first N events.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_prequential(dataset: str, limit: int | None, as_json: bool) -> None:
+    """Test-then-train HR@10 / NDCG@10 of each method over DATASET, replayed through Kafka."""
+    from freshrec.store import open_store
+    from streams import prequential
+
+    settings = _settings()
+    with _errors(), _progress(f"prequential {dataset}", sys.stderr.isatty()) as progress:
+        store = open_store(settings)
+        try:
+            result = prequential.run(settings, store, dataset, limit=limit, progress=progress)
+        finally:
+            store.close()
+    if as_json:
+        _emit_json({k: result[k] for k in ("dataset", "events", "methods")})
+        return
+    rows = [(m, f"{v['hr@10']:.4f}", f"{v['ndcg@10']:.4f}") for m, v in result["methods"].items()]
+    _print_table(
+        ["method", "HR@10", "NDCG@10"], rows, title=f"prequential {dataset}, {result['events']:,} events"
+    )
+
+
 @main.command()
 @click.argument("query")
 @click.option("--json", "as_json", is_flag=True, help="Print rows as a JSON list of objects.")

@@ -90,6 +90,30 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        2,
+        "eval_runs",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS {db}.eval_runs
+            (
+                run_id String,
+                dataset String,
+                protocol LowCardinality(String) COMMENT 'prequential: test-then-train over the stream',
+                method LowCardinality(String),
+                events UInt64,
+                k UInt16,
+                hr Float64 COMMENT 'hit rate at k',
+                ndcg Float64 COMMENT 'NDCG at k',
+                params String COMMENT 'JSON of the run parameters',
+                started_at DateTime64(3, 'UTC'),
+                finished_at DateTime64(3, 'UTC')
+            )
+            ENGINE = ReplacingMergeTree
+            ORDER BY (run_id, method)
+            """,
+        ),
+    ),
 )
 
 

@@ -26,6 +26,7 @@ import pickle
 from collections import OrderedDict
 from typing import Any, Final
 
+import numpy as np
 from river import optim, reco
 
 from freshrec.events import Event
@@ -87,6 +88,22 @@ class MatrixFactorisationHead(Head):
     def uncertainty_one(self, user_id: str, item_id: str) -> float:
         updates = min(self._users.get(user_id, 0), self._items.get(item_id, 0))
         return 1.0 / math.sqrt(1.0 + updates)
+
+    @property
+    def global_mean(self) -> float:
+        return float(self._model.global_mean.get())
+
+    def user_factors(self, user_id: str) -> tuple[np.ndarray, float] | None:
+        """The user's latent vector and bias, or None for an unknown user (for vectorised scoring)."""
+        if user_id not in self._users:
+            return None
+        return self._model.u_latents[user_id], float(self._model.u_biases[user_id])
+
+    def item_factors(self, item_id: str) -> tuple[np.ndarray, float] | None:
+        """The item's latent vector and bias, or None for an unknown item."""
+        if item_id not in self._items:
+            return None
+        return self._model.i_latents[item_id], float(self._model.i_biases[item_id])
 
     @property
     def size(self) -> int:
