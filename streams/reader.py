@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from streams.clicks import CtrPosterior
 from streams.histories import HistoryEntry
 from streams.worker import StreamWorker
 
@@ -60,6 +61,11 @@ class StateReader:
         """Items most often seen near ``item_id`` in users' recent windows."""
         with self._worker.lock:
             return self._worker.state.cooccurrence.neighbours(item_id, k)
+
+    def ctr(self, item_id: str) -> CtrPosterior:
+        """The item's click-through posterior: impressions, attributed clicks, mean and variance."""
+        with self._worker.lock:
+            return self._worker.state.clicks.posterior(item_id)
 
     def score(self, user_id: str, item_id: str, head: str) -> tuple[float, float]:
         """A head's score for the pair and its uncertainty in [0, 1]."""

@@ -57,6 +57,7 @@ from learners.base import Head
 from learners.ctr import EngagementHead
 from learners.mf import MatrixFactorisationHead
 from streams.admin import ensure_topics
+from streams.clicks import ClickThrough
 from streams.cooccurrence import CoOccurrence
 from streams.counters import CounterConfig, ItemCounters
 from streams.dedup import RecentIds
@@ -80,7 +81,7 @@ class StreamStats:
 
 
 class StreamState:
-    """Everything a worker checkpoints: counters, histories, co-occurrence, heads, recent ids, offsets."""
+    """What a worker checkpoints: counters, histories, co-occurrence, CTR, heads, recent ids, offsets."""
 
     def __init__(
         self,
@@ -90,11 +91,13 @@ class StreamState:
         histories: UserHistories | None = None,
         heads: dict[str, Head] | None = None,
         cooccurrence: CoOccurrence | None = None,
+        clicks: ClickThrough | None = None,
     ) -> None:
         self.counters = counters
         self.recent = recent
         self.histories = histories or UserHistories()
         self.cooccurrence = cooccurrence or CoOccurrence()
+        self.clicks = clicks or ClickThrough()
         self.heads = heads or {}
         self.offsets: dict[tuple[str, int], int] = {}  # next offset to read, per (topic, partition)
 
@@ -105,6 +108,7 @@ class StreamState:
             "recent": self.recent.state_dict(),
             "histories": self.histories.state_dict(),
             "cooccurrence": self.cooccurrence.state_dict(),
+            "clicks": self.clicks.state_dict(),
             "heads": {name: head.state_dict() for name, head in self.heads.items()},
             "offsets": dict(self.offsets),
         }
@@ -116,6 +120,7 @@ class StreamState:
         self.recent.load_state_dict(state["recent"])
         self.histories.load_state_dict(state["histories"])
         self.cooccurrence.load_state_dict(state["cooccurrence"])
+        self.clicks.load_state_dict(state["clicks"])
         if set(state["heads"]) != set(self.heads):
             raise ValueError(
                 f"checkpoint has heads {sorted(state['heads'])}, this worker {sorted(self.heads)}"
@@ -319,6 +324,10 @@ class StreamWorker:
             before = {user: histories.items(user) for user in set(users)}
             self.state.cooccurrence.observe_batch(users, items, before)
             histories.append(users, items, types, stamps)
+            observe_click = self.state.clicks.observe
+            for event in learned:
+                if event.type == "impression" or event.type == "click":
+                    observe_click(event.type, event.item_id, event.request_id)
             for head in self.state.heads.values():
                 learn = head.learn_one
                 for event in learned:

@@ -42,8 +42,9 @@ def test_events_become_visible_through_the_reader_while_the_worker_runs(
                     "event_id": f"r{i}",
                     "user_id": "alice",
                     "item_id": f"item-{i % 3}",
-                    "type": "click",
+                    "type": ("impression", "click")[i % 2],
                     "ts": now + i,
+                    "request_id": f"req-{i // 2}",
                 }
                 started = time.monotonic()
                 producer.produce(settings.topics.events, orjson.dumps(event), key=b"alice")
@@ -57,8 +58,12 @@ def test_events_become_visible_through_the_reader_while_the_worker_runs(
         thread.join(timeout=60)
     assert [e.item_id for e in reader.history("alice")] == [f"item-{i % 3}" for i in range(20)]
     assert reader.popular(2) == [("item-0", 7.0), ("item-1", 7.0)]
-    counts = reader.counts("item-2", event_type="click")
+    counts = reader.counts("item-2")
     assert (counts.total, counts.windowed) == (6, {3600: 6}) and counts.decayed > 5.99
+    # Impression i (even) and click i+1 share a request but not an item: every click is unattributed.
+    assert reader.ctr("item-0").impressions == 4 and reader.ctr("item-0").clicks == 0
+    assert worker.state.clicks.unattributed == 10
+    assert reader.score("alice", "item-0", "engagement")[1] < 1.0  # the heads learned too
     assert sum(reader.offsets().values()) == 20
     assert [item for item, _ in reader.neighbours("item-0")] == ["item-1", "item-2"]
     latencies.sort()
