@@ -27,6 +27,7 @@ from freshrec.broker import LocalBroker
 from freshrec.settings import Settings, StreamSettings
 from streams.admin import ensure_topics
 from streams.producer import EventProducer
+from streams.reader import StateReader
 from streams.worker import StreamWorker
 
 
@@ -83,12 +84,81 @@ def _worker_rate(settings: Settings, n: int, heads: tuple[str, ...]) -> tuple[fl
     return n / (marks["last"] - marks["first"]), worker.state.counters.nbytes()
 
 
+def _freshness(settings: Settings, *, rate: int, seconds: float) -> list[float]:
+    """Produce at ``rate`` events/s for ``seconds`` while a worker runs with counters and heads; every
+    0.1 s a probe event for a fresh item is produced and the read API polled until it counts it."""
+    group = f"bench-fresh-{uuid.uuid4().hex[:8]}"
+    # A topic of its own: freshness is about new events, not a backlog.
+    settings = settings.model_copy(
+        update={"topic_prefix": f"{settings.topic_prefix}{group}.", "stream": StreamSettings(group_id=group)}
+    )
+    ensure_topics(settings)
+    worker = StreamWorker(settings)
+    reader = StateReader(worker)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    while not worker.assigned:
+        time.sleep(0.05)
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with EventProducer(settings) as producer:
+            sent, started = 0, time.perf_counter()
+            while not stop.is_set():
+                due = int((time.perf_counter() - started) * rate)
+                for _ in range(due - sent):
+                    user = f"u{sent % 50_000}"
+                    event = {
+                        "event_id": f"{group}-{sent}",
+                        "user_id": user,
+                        "item_id": f"i{sent % 20_000}",
+                        "type": "view",
+                        "ts": int(time.time() * 1000),
+                    }
+                    producer.produce(settings.topics.events, orjson.dumps(event), key=user.encode())
+                    sent += 1
+                time.sleep(0.002)
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    try:
+        with EventProducer(settings, **{"linger.ms": 0}) as producer:
+            deadline = time.perf_counter() + seconds
+            probe = 0
+            while time.perf_counter() < deadline:
+                item = f"probe-{group}-{probe}"
+                event = {
+                    "event_id": item,
+                    "user_id": f"p{probe}",
+                    "item_id": item,
+                    "type": "click",
+                    "ts": int(time.time() * 1000),
+                }
+                sent_at = time.perf_counter()
+                producer.produce(settings.topics.events, orjson.dumps(event), key=f"p{probe}".encode())
+                producer.flush()
+                while reader.counts(item).total < 1:
+                    time.sleep(0.002)
+                latencies.append(time.perf_counter() - sent_at)
+                probe += 1
+                time.sleep(max(0.0, 0.1 - (time.perf_counter() - sent_at)))
+    finally:
+        stop.set()
+        loader.join()
+        worker.stop()
+        thread.join()
+    return sorted(latencies)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--fresh-rate", type=int, default=20_000, help="Events/s of load while probing.")
+    parser.add_argument("--fresh-seconds", type=float, default=15.0)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="freshrec-bench-"))
     settings = Settings(home=tmp / "home", topic_prefix=f"bench-{uuid.uuid4().hex[:8]}.")
@@ -139,6 +209,12 @@ def main() -> None:
         ):
             print(f"{label:<36}{best[name]:>12,.0f}{best[name] / best['loop']:>8.2f}")
         print(f"counter arrays: {memory / 2**20:.1f} MiB")
+        fresh = _freshness(settings, rate=args.fresh_rate, seconds=args.fresh_seconds)
+        p50, p99 = fresh[len(fresh) // 2], fresh[min(len(fresh) - 1, int(len(fresh) * 0.99))]
+        print(
+            f"freshness at {args.fresh_rate:,} events/s (counters + heads), {len(fresh)} probes: "
+            f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {fresh[-1] * 1000:.0f} ms"
+        )
     finally:
         if broker is not None:
             broker.stop()
