@@ -15,46 +15,25 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import orjson
-from confluent_kafka import Consumer
+from harness import bench_cluster, consume_loop
 
-from freshrec.broker import LocalBroker
 from freshrec.settings import Settings
-from streams.admin import ensure_topics
 from streams.producer import EventProducer
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _confluent(settings: Settings, n: int) -> float:
-    consumer = Consumer(
-        settings.kafka_config(**{"group.id": f"b-{uuid.uuid4().hex}", "auto.offset.reset": "earliest"})
-    )
-    consumer.subscribe([settings.topics.events])
     counts: dict[str, int] = {}
-    seen, started, loads = 0, 0.0, orjson.loads
-    while seen < n:
-        batch = consumer.consume(10_000, 1.0)
-        if batch and not started:
-            started = time.perf_counter()
-        for message in batch:
-            item = loads(message.value())["item_id"]
-            counts[item] = counts.get(item, 0) + 1
-        seen += len(batch)
-    elapsed = time.perf_counter() - started
-    consumer.close()
-    return n / elapsed
+    loads = orjson.loads
+
+    def count(value: bytes) -> None:
+        item = loads(value)["item_id"]
+        counts[item] = counts.get(item, 0) + 1
+
+    return consume_loop(settings, n, count)
 
 
 def _faust(settings: Settings, n: int) -> float:
@@ -80,17 +59,7 @@ def main() -> None:
     )
     parser.add_argument("--events", type=int, default=200_000)
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="freshrec-bench-"))
-    settings = Settings(home=tmp / "home", topic_prefix=f"bench-{uuid.uuid4().hex[:8]}.")
-    broker = None
-    if settings.uses_local_broker:
-        settings = settings.model_copy(
-            update={"broker_port": _free_port(), "broker_controller_port": _free_port()}
-        )
-        broker = LocalBroker(settings)
-        broker.start()
-    try:
-        ensure_topics(settings)
+    with bench_cluster() as settings:
         items = np.random.default_rng(3).zipf(1.1, size=args.events) % 100_000
         with EventProducer(settings) as producer:
             for i in range(args.events):
@@ -109,9 +78,6 @@ def main() -> None:
         print(f"{'loop':<44}{'events/s':>12}{'ratio':>8}")
         print(f"{'confluent-kafka consume(10000) loop':<44}{confluent:>12,.0f}{1.0:>8.2f}")
         print(f"{'faust agent, stream.take(1000, within=0.5)':<44}{faust:>12,.0f}{faust / confluent:>8.3f}")
-    finally:
-        if broker is not None:
-            broker.stop()
 
 
 if __name__ == "__main__":

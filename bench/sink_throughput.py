@@ -16,30 +16,20 @@ from __future__ import annotations
 
 import argparse
 import random
-import socket
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer
+from harness import bench_cluster, consume_loop
 
-from freshrec.broker import LocalBroker
 from freshrec.settings import Settings, SinkSettings
 from freshrec.store import open_store
-from streams.admin import ensure_topics
 from streams.producer import EventProducer
 from streams.sink import AuditSink
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _events(n: int, seed: int = 1) -> list[tuple[bytes, bytes]]:
@@ -57,32 +47,6 @@ def _events(n: int, seed: int = 1) -> list[tuple[bytes, bytes]]:
         }
         out.append((user.encode(), orjson.dumps(event)))
     return out
-
-
-def _consume_loop(settings: Settings, n: int, *, decode: bool) -> float:
-    consumer = Consumer(
-        settings.kafka_config(
-            **{
-                "group.id": f"bench-{uuid.uuid4().hex}",
-                "auto.offset.reset": "earliest",
-                "enable.auto.commit": False,
-            }
-        )
-    )
-    consumer.subscribe([settings.topics.events])
-    seen, started = 0, 0.0
-    loads = orjson.loads
-    while seen < n:
-        batch = consumer.consume(10_000, 1.0)
-        if batch and not started:
-            started = time.perf_counter()
-        if decode:
-            for message in batch:
-                loads(message.value())
-        seen += len(batch)
-    elapsed = time.perf_counter() - started
-    consumer.close()
-    return n / elapsed
 
 
 def _sink_rate(settings: Settings, n: int) -> tuple[float, float]:
@@ -132,20 +96,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="freshrec-bench-"))
-    base = Settings(
-        home=tmp / "home",
-        clickhouse_dsn=f"chdb://{tmp / 'chdb'}",
-        topic_prefix=f"bench-{uuid.uuid4().hex[:8]}.",
-    )
-    broker = None
-    if base.uses_local_broker:
-        port = _free_port()
-        base = base.model_copy(update={"broker_port": port, "broker_controller_port": _free_port()})
-        broker = LocalBroker(base)
-        broker.start()
-    try:
-        ensure_topics(base)
+    with tempfile.TemporaryDirectory() as tmp, bench_cluster(clickhouse_dsn=f"chdb://{tmp}/chdb") as base:
         events = _events(args.events)
         started = time.perf_counter()
         with EventProducer(base) as producer:
@@ -160,8 +111,8 @@ def main() -> None:
         for round_no in range(1, args.rounds + 1):
             sink_rate, share = _sink_rate(base, args.events)
             rates = {
-                "bare": _consume_loop(base, args.events, decode=False),
-                "decode": _consume_loop(base, args.events, decode=True),
+                "bare": consume_loop(base, args.events),
+                "decode": consume_loop(base, args.events, orjson.loads),
                 "sink": sink_rate,
             }
             if sink_rate > best["sink"]:
@@ -176,9 +127,6 @@ def main() -> None:
         for name, rate in best.items():
             print(f"{name:<10}{rate:>12,.0f}{best['sink'] / rate:>14.2f}")
         print(f"share of the sink's time inside ClickHouse inserts: {insert_share:.0%}")
-    finally:
-        if broker is not None:
-            broker.stop()
 
 
 if __name__ == "__main__":

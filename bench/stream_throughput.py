@@ -13,54 +13,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 import orjson
-from confluent_kafka import Consumer
+from harness import bench_cluster, consume_loop
 
-from freshrec.broker import LocalBroker
 from freshrec.settings import Settings, StreamSettings
 from streams.admin import ensure_topics
 from streams.producer import EventProducer
 from streams.reader import StateReader
 from streams.worker import StreamWorker
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _decode_loop(settings: Settings, n: int) -> float:
-    consumer = Consumer(
-        settings.kafka_config(
-            **{
-                "group.id": f"bench-{uuid.uuid4().hex}",
-                "auto.offset.reset": "earliest",
-                "enable.auto.commit": False,
-            }
-        )
-    )
-    consumer.subscribe([settings.topics.events])
-    seen, started, loads = 0, 0.0, orjson.loads
-    while seen < n:
-        batch = consumer.consume(10_000, 1.0)
-        if batch and not started:
-            started = time.perf_counter()
-        for message in batch:
-            loads(message.value())
-        seen += len(batch)
-    elapsed = time.perf_counter() - started
-    consumer.close()
-    return n / elapsed
 
 
 def _worker_rate(settings: Settings, n: int, heads: tuple[str, ...]) -> tuple[float, int]:
@@ -160,17 +125,7 @@ def main() -> None:
     parser.add_argument("--fresh-rate", type=int, default=20_000, help="Events/s of load while probing.")
     parser.add_argument("--fresh-seconds", type=float, default=15.0)
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="freshrec-bench-"))
-    settings = Settings(home=tmp / "home", topic_prefix=f"bench-{uuid.uuid4().hex[:8]}.")
-    broker = None
-    if settings.uses_local_broker:
-        settings = settings.model_copy(
-            update={"broker_port": _free_port(), "broker_controller_port": _free_port()}
-        )
-        broker = LocalBroker(settings)
-        broker.start()
-    try:
-        ensure_topics(settings)
+    with bench_cluster() as settings:
         rng = np.random.default_rng(7)
         items = rng.zipf(1.1, size=args.events) % 100_000
         users = rng.integers(0, 200_000, size=args.events)
@@ -192,7 +147,7 @@ def main() -> None:
         best = {"loop": 0.0, "counters": 0.0, "heads": 0.0}
         memory = 0
         for round_no in range(1, args.rounds + 1):
-            loop = _decode_loop(settings, args.events)
+            loop = consume_loop(settings, args.events, orjson.loads)
             counters, memory = _worker_rate(settings, args.events, heads=())
             heads, _ = _worker_rate(settings, args.events, heads=("mf", "engagement"))
             print(
@@ -215,9 +170,6 @@ def main() -> None:
             f"freshness at {args.fresh_rate:,} events/s (counters + heads), {len(fresh)} probes: "
             f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {fresh[-1] * 1000:.0f} ms"
         )
-    finally:
-        if broker is not None:
-            broker.stop()
 
 
 if __name__ == "__main__":

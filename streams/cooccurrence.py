@@ -1,11 +1,12 @@
 """Item-item co-occurrence within each user's recent window, pruned to the top neighbours per item.
 
-When a user interacts with item ``i``, every distinct item ``j`` among their last ``window`` items
-(other than ``i``) gains one co-occurrence with ``i`` and ``i`` with ``j``. Each item keeps at most
-``2 * max_neighbours`` counts; past that it is pruned back to its ``max_neighbours`` strongest
-(ties broken by item id, so pruning is deterministic), as Pinterest's and Metarank's memorising
-counters do. Memory: at most ``max_items`` items (least recently updated evicted) times
-``2 * max_neighbours`` entries.
+When a user interacts with item ``i``, each of the ``window`` most recent distinct items ``j``
+among their last ``4 * window`` events (other than ``i``) gains one co-occurrence with ``i``, and
+``i`` with ``j``. Each item keeps at most ``2 * max_neighbours`` counts; past that it is pruned back
+to its ``max_neighbours`` strongest (ties broken by item id, so pruning is deterministic), as
+Pinterest's and Metarank's memorising counters do. Memory: at most ``max_items`` items, the first
+seen evicted first (a plain dict's order: keeping a recency order cost a quarter of the stream
+worker's time), times ``2 * max_neighbours`` entries.
 
 Counts are exact while no pruning or eviction has happened; after that, strong pairs survive and the
 weakest are forgotten (a neighbour list, not an audit).
@@ -20,8 +21,7 @@ weakest are forgotten (a neighbour list, not an audit).
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 __all__ = ["CoOccurrence"]
@@ -36,17 +36,20 @@ class CoOccurrence:
         self.window = window
         self.max_neighbours = max_neighbours
         self.max_items = max_items
-        self._counts: OrderedDict[str, dict[str, float]] = OrderedDict()
+        self._counts: dict[str, dict[str, float]] = {}
         self.pruned = 0
         self.evicted = 0
 
     def __len__(self) -> int:
         return len(self._counts)
 
-    def observe(self, user_id: str, item_id: str, *, recent: Sequence[str]) -> None:
-        """Count ``item_id`` against the user's ``recent`` items (oldest first, before this event)."""
+    def observe(
+        self, user_id: str, item_id: str, *, recent: Sequence[str], newest_first: bool = False
+    ) -> None:
+        """Count ``item_id`` against the user's ``recent`` items (before this event; oldest first
+        unless ``newest_first``)."""
         partners: list[str] = []
-        for other in reversed(recent):
+        for other in recent if newest_first else reversed(recent):
             if other != item_id and other not in partners:
                 partners.append(other)
                 if len(partners) == self.window:
@@ -56,14 +59,18 @@ class CoOccurrence:
             self._bump(other, item_id)
 
     def observe_batch(
-        self, users: Sequence[str], items: Sequence[str], history: dict[str, list[str]]
+        self, users: Sequence[str], items: Sequence[str], recent_of: Callable[[str, int], list[str]]
     ) -> None:
-        """Observe a batch in order; ``history`` maps each user to their items before the batch and is
-        extended in place as the batch goes (so events within one batch see each other)."""
+        """Observe a batch in order. ``recent_of(user, n)`` gives a user's last ``n`` items before the
+        batch, newest first; events within the batch see each other."""
+        fresh: dict[str, list[str]] = {}
+        depth = 4 * self.window  # enough to find `window` distinct items in all but repetitive histories
         for user, item in zip(users, items, strict=True):
-            recent = history.setdefault(user, [])
-            self.observe(user, item, recent=recent)
-            recent.append(item)
+            recent = fresh.get(user)
+            if recent is None:
+                recent = fresh[user] = recent_of(user, depth)
+            self.observe(user, item, recent=recent, newest_first=True)
+            recent.insert(0, item)
 
     def neighbours(self, item_id: str, k: int) -> list[tuple[str, float]]:
         """The ``k`` items most often seen near ``item_id``, strongest first (ties by id)."""
@@ -82,14 +89,13 @@ class CoOccurrence:
         return scores
 
     def _bump(self, item: str, other: str) -> None:
-        counts = self._counts.get(item)
+        table = self._counts
+        counts = table.get(item)
         if counts is None:
-            counts = self._counts[item] = {}
-            if len(self._counts) > self.max_items:
-                self._counts.popitem(last=False)
+            counts = table[item] = {}
+            if len(table) > self.max_items:
+                del table[next(iter(table))]
                 self.evicted += 1
-        else:
-            self._counts.move_to_end(item)
         counts[other] = counts.get(other, 0.0) + 1.0
         if len(counts) > 2 * self.max_neighbours:
             keep = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: self.max_neighbours]
@@ -112,4 +118,4 @@ class CoOccurrence:
         self.max_items = int(state["max_items"])
         self.pruned = int(state["pruned"])
         self.evicted = int(state["evicted"])
-        self._counts = OrderedDict((item, dict(counts)) for item, counts in state["counts"])
+        self._counts = {item: dict(counts) for item, counts in state["counts"]}

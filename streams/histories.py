@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Sequence
+from itertools import islice
 from typing import Any, NamedTuple
 
 __all__ = ["HistoryEntry", "UserHistories"]
@@ -65,6 +66,11 @@ class UserHistories:
 
     def items(self, user: str) -> list[str]:
         return [entry[0] for entry in self._users.get(user, ())]
+
+    def recent_items(self, user: str, n: int) -> list[str]:
+        """The user's last ``n`` items, newest first (cheap: no copy of the whole history)."""
+        history = self._users.get(user)
+        return [entry[0] for entry in islice(reversed(history), n)] if history else []
 
     def state_dict(self) -> dict[str, Any]:
         return {

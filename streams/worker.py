@@ -137,6 +137,9 @@ class CheckpointStore:
         self.path = path
 
     def load(self) -> dict[str, Any] | None:
+        # A write interrupted by kill -9 leaves its temporary file behind; it was never the checkpoint.
+        for stale in self.path.parent.glob(f".{self.path.name}-*"):
+            stale.unlink(missing_ok=True)
         try:
             with self.path.open("rb") as handle:
                 state: dict[str, Any] = pickle.load(handle)  # our own file, written by save()
@@ -146,7 +149,9 @@ class CheckpointStore:
 
     def save(self, state: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=self.path.parent, prefix=".ckpt-", delete=False) as tmp:
+        with tempfile.NamedTemporaryFile(
+            dir=self.path.parent, prefix=f".{self.path.name}-", delete=False
+        ) as tmp:
             pickle.dump(state, tmp, protocol=pickle.HIGHEST_PROTOCOL)
             tmp.flush()
             os.fsync(tmp.fileno())
@@ -193,7 +198,8 @@ class StreamWorker:
         self._assigned_at = 0.0
         self._lock = threading.Lock()  # readers take it to see whole batches only
         self.assigned: frozenset[int] = frozenset()  # partitions currently owned
-        self._checkpoint_s = 0.0  # duration of the last checkpoint
+        self._checkpoint_s = 0.0  # what the last checkpoint's snapshot cost the worker thread
+        self._writer: threading.Thread | None = None
         self._closing = False
 
     def stop(self) -> None:
@@ -243,24 +249,41 @@ class StreamWorker:
                 ):
                     logger.info("no message for %.1f s: drained, stopping", until_idle_s)
                     break
-            self.checkpoint()
+            self.checkpoint(wait=True)
         finally:
+            if self._writer is not None:
+                self._writer.join()
             self._closing = True  # the revoke that close() triggers is not a move
             consumer.close()
         return self.stats
 
-    def checkpoint(self) -> None:
-        """Write state and offsets together. Runs on the worker's thread, between batches.
+    def checkpoint(self, *, wait: bool = False) -> None:
+        """Write state and offsets together.
 
-        A checkpoint's cost grows with the state (histories, river's tables), so the loop spaces them
-        at least ten times their own duration apart: checkpointing takes at most ~10% of the time.
+        The snapshot (``state_dict``, independent copies) is taken on the worker's thread under the
+        lock; pickling, writing and fsync run on a writer thread, so that ingestion pauses only for
+        the copy. While a write is still going, a new checkpoint is skipped (``wait`` waits instead,
+        as the final one does). The loop spaces checkpoints at least ten times the snapshot's cost
+        apart, so copying takes at most ~10% of the time however large the state grows.
         """
+        writer = self._writer
+        if writer is not None and writer.is_alive():
+            if not wait:
+                return
+            writer.join()
         started = time.monotonic()
         with self._lock:
             state = self.state.state_dict()
-        self.store.save(state)
         self._checkpoint_s = time.monotonic() - started
-        self.stats.checkpoints += 1
+
+        def write() -> None:
+            self.store.save(state)
+            self.stats.checkpoints += 1
+
+        self._writer = threading.Thread(target=write, name="freshrec-checkpoint")
+        self._writer.start()
+        if wait:
+            self._writer.join()
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Idleness counts from the (re)assignment: a slow group join is not an empty topic.
@@ -321,8 +344,7 @@ class StreamWorker:
         with self._lock:
             self.state.counters.update(items, types, stamps)
             histories = self.state.histories
-            before = {user: histories.items(user) for user in set(users)}
-            self.state.cooccurrence.observe_batch(users, items, before)
+            self.state.cooccurrence.observe_batch(users, items, histories.recent_items)
             histories.append(users, items, types, stamps)
             observe_click = self.state.clicks.observe
             for event in learned:

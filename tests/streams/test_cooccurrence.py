@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Callable
 
 from streams.cooccurrence import CoOccurrence
 
@@ -25,6 +26,10 @@ def brute_force(sessions: list[tuple[str, str]], window: int) -> Counter[tuple[s
     return pairs
 
 
+def _recent_of(history: dict[str, list[str]]) -> Callable[[str, int], list[str]]:
+    return lambda user, n: history.get(user, [])[-n:][::-1]
+
+
 def test_counts_are_exact_before_pruning_whatever_the_batching() -> None:
     rng = random.Random(2)
     sessions = [(f"u{rng.randrange(30)}", f"i{rng.randrange(40)}") for _ in range(3000)]
@@ -32,7 +37,9 @@ def test_counts_are_exact_before_pruning_whatever_the_batching() -> None:
     history: dict[str, list[str]] = {}
     for start in range(0, len(sessions), 257):
         part = sessions[start : start + 257]
-        batched.observe_batch([u for u, _ in part], [i for _, i in part], history)
+        batched.observe_batch([u for u, _ in part], [i for _, i in part], _recent_of(history))
+        for user, item in part:
+            history.setdefault(user, []).append(item)
     expected = brute_force(sessions, 4)
     for item in {i for _, i in sessions}:
         got = dict(batched.neighbours(item, 10_000))
@@ -48,7 +55,7 @@ def test_pruning_bounds_memory_and_keeps_the_strong_pairs() -> None:
     for n in range(5000):
         users.append(f"u{n % 97}")
         items.append("hub" if n % 2 else f"i{rng.randrange(500)}")
-    co.observe_batch(users, items, history)
+    co.observe_batch(users, items, _recent_of(history))
     assert len(co) <= 50 and co.pruned > 0 and co.evicted > 0
     assert all(len(co._counts[item]) <= 6 for item in co._counts)
     assert co.neighbours("hub", 1) and co.neighbours("hub", 1)[0][1] >= 1
@@ -56,7 +63,7 @@ def test_pruning_bounds_memory_and_keeps_the_strong_pairs() -> None:
 
 def test_scores_exclude_seen_items_and_state_round_trips() -> None:
     co = CoOccurrence(window=3)
-    co.observe_batch(["a", "a", "a", "b", "b"], ["x", "y", "z", "x", "y"], {})
+    co.observe_batch(["a", "a", "a", "b", "b"], ["x", "y", "z", "x", "y"], _recent_of({}))
     assert co.score(["x"], exclude={"y"}) == {"z": 1.0}
     copy = CoOccurrence()
     copy.load_state_dict(co.state_dict())

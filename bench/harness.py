@@ -1,0 +1,78 @@
+"""What the benchmarks share: a Kafka cluster for the run, and the baseline consume loop.
+
+Every benchmark measures freshrec beside a baseline in the same run, on the same topic, because
+these machines are noisy; the baseline is a confluent-kafka batch ``consume(10000)`` loop.
+"""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer
+
+from freshrec.broker import LocalBroker
+from freshrec.settings import Settings
+from streams.admin import ensure_topics
+
+__all__ = ["bench_cluster", "consume_loop", "free_port"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def bench_cluster(**overrides: Any) -> Iterator[Settings]:
+    """Settings for one benchmark run: its own home and topic prefix, with topics created, on
+    ``FRESHREC_KAFKA_BOOTSTRAP`` when set, else on a local broker started (and stopped) for the run."""
+    tmp = Path(tempfile.mkdtemp(prefix="freshrec-bench-"))
+    settings = Settings(home=tmp / "home", topic_prefix=f"bench-{uuid.uuid4().hex[:8]}.", **overrides)
+    broker = None
+    if settings.uses_local_broker:
+        settings = settings.model_copy(
+            update={"broker_port": free_port(), "broker_controller_port": free_port()}
+        )
+        broker = LocalBroker(settings)
+        broker.start()
+    try:
+        ensure_topics(settings)
+        yield settings
+    finally:
+        if broker is not None:
+            broker.stop()
+
+
+def consume_loop(settings: Settings, n: int, handle: Callable[[bytes], object] | None = None) -> float:
+    """Events/s of a fresh group reading ``n`` messages of ``events`` with a batch ``consume(10000)``
+    loop, calling ``handle`` on each value (None: count only), timed from the first message."""
+    consumer = Consumer(
+        settings.kafka_config(
+            **{
+                "group.id": f"bench-{uuid.uuid4().hex}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            }
+        )
+    )
+    consumer.subscribe([settings.topics.events])
+    seen, started = 0, 0.0
+    while seen < n:
+        batch = consumer.consume(10_000, 1.0)
+        if batch and not started:
+            started = time.perf_counter()
+        if handle is not None:
+            for message in batch:
+                handle(message.value() or b"")
+        seen += len(batch)
+    elapsed = time.perf_counter() - started
+    consumer.close()
+    return n / elapsed
