@@ -49,13 +49,16 @@ def _worker_rate(settings: Settings, n: int, heads: tuple[str, ...]) -> tuple[fl
     return n / (marks["last"] - marks["first"]), worker.state.counters.nbytes()
 
 
-def _freshness(settings: Settings, *, rate: int, seconds: float) -> list[float]:
+def _freshness(settings: Settings, *, rate: int, seconds: float, batch_size: int) -> list[float]:
     """Produce at ``rate`` events/s for ``seconds`` while a worker runs with counters and heads; every
     0.1 s a probe event for a fresh item is produced and the read API polled until it counts it."""
     group = f"bench-fresh-{uuid.uuid4().hex[:8]}"
     # A topic of its own: freshness is about new events, not a backlog.
     settings = settings.model_copy(
-        update={"topic_prefix": f"{settings.topic_prefix}{group}.", "stream": StreamSettings(group_id=group)}
+        update={
+            "topic_prefix": f"{settings.topic_prefix}{group}.",
+            "stream": StreamSettings(group_id=group, batch_size=batch_size),
+        }
     )
     ensure_topics(settings)
     worker = StreamWorker(settings)
@@ -124,6 +127,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--fresh-rate", type=int, default=20_000, help="Events/s of load while probing.")
     parser.add_argument("--fresh-seconds", type=float, default=15.0)
+    parser.add_argument("--fresh-batch", type=int, default=2_000, help="Worker batch size while probing.")
     args = parser.parse_args()
     with bench_cluster() as settings:
         rng = np.random.default_rng(7)
@@ -164,10 +168,13 @@ def main() -> None:
         ):
             print(f"{label:<36}{best[name]:>12,.0f}{best[name] / best['loop']:>8.2f}")
         print(f"counter arrays: {memory / 2**20:.1f} MiB")
-        fresh = _freshness(settings, rate=args.fresh_rate, seconds=args.fresh_seconds)
+        fresh = _freshness(
+            settings, rate=args.fresh_rate, seconds=args.fresh_seconds, batch_size=args.fresh_batch
+        )
         p50, p99 = fresh[len(fresh) // 2], fresh[min(len(fresh) - 1, int(len(fresh) * 0.99))]
         print(
-            f"freshness at {args.fresh_rate:,} events/s (counters + heads), {len(fresh)} probes: "
+            f"freshness at {args.fresh_rate:,} events/s (counters + heads, batches of {args.fresh_batch:,}), "
+            f"{len(fresh)} probes: "
             f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {fresh[-1] * 1000:.0f} ms"
         )
 

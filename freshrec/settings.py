@@ -95,7 +95,9 @@ class StreamSettings(BaseModel):
         pattern=r"^[A-Za-z0-9._-]{1,64}$",
         description="This worker's stable name: its checkpoint file and its static group membership.",
     )
-    batch_size: int = Field(10_000, ge=1, le=1_000_000, description="Most messages handled per batch.")
+    batch_size: int = Field(
+        2_000, ge=1, le=1_000_000, description="Most messages per batch: bounds how stale a read can be."
+    )
     batch_timeout_s: float = Field(0.2, gt=0, description="Longest wait to fill a batch.")
     checkpoint_interval_s: float = Field(
         5.0, gt=0, description="How often state and offsets are written together to disk."
