@@ -108,6 +108,12 @@ class StreamSettings(BaseModel):
     window_buckets: int = Field(60, ge=1, le=3_600, description="Tumbling buckets per window.")
     max_items: int = Field(1_000_000, ge=1, description="Items with counters; more are counted as overflow.")
     history_len: int = Field(50, ge=1, le=10_000, description="Recent events kept per user.")
+    user_ttl_s: float | None = Field(
+        None, gt=0, description="Forget users idle this long in event time (off: exact replays)."
+    )
+    cooccurrence_min_count: int = Field(
+        1, ge=1, description="Items pair in co-occurrence only once seen this often (1: off)."
+    )
     heads: tuple[str, ...] = Field(
         ("mf", "engagement"), description="Incremental heads learning from every event (mf, engagement)."
     )

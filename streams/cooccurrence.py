@@ -30,10 +30,14 @@ __all__ = ["CoOccurrence"]
 class CoOccurrence:
     """Symmetric co-occurrence counts over users' recent windows; see the module docstring."""
 
-    def __init__(self, *, window: int = 5, max_neighbours: int = 50, max_items: int = 200_000) -> None:
+    def __init__(
+        self, *, window: int = 5, max_neighbours: int = 50, max_items: int = 200_000, min_count: int = 1
+    ) -> None:
         if window < 1 or max_neighbours < 1 or max_items < 1:
             raise ValueError("window, max_neighbours and max_items must be at least 1")
         self.window = window
+        self.min_count = min_count  # an item pairs only once seen this often (Monolith's frequency filter)
+        self._seen: dict[str, int] = {}
         self.max_neighbours = max_neighbours
         self.max_items = max_items
         self._counts: dict[str, dict[str, float]] = {}
@@ -48,6 +52,11 @@ class CoOccurrence:
     ) -> None:
         """Count ``item_id`` against the user's ``recent`` items (before this event; oldest first
         unless ``newest_first``)."""
+        if self.min_count > 1:
+            seen = self._seen[item_id] = self._seen.get(item_id, 0) + 1
+            if seen < self.min_count:
+                return  # too rare yet to be worth a neighbour list
+            recent = [other for other in recent if self._seen.get(other, 0) >= self.min_count]
         partners: list[str] = []
         for other in recent if newest_first else reversed(recent):
             if other != item_id and other not in partners:
@@ -109,6 +118,8 @@ class CoOccurrence:
             "max_items": self.max_items,
             "pruned": self.pruned,
             "evicted": self.evicted,
+            "min_count": self.min_count,
+            "seen": dict(self._seen),
             "counts": [(item, dict(counts)) for item, counts in self._counts.items()],
         }
 
@@ -118,4 +129,6 @@ class CoOccurrence:
         self.max_items = int(state["max_items"])
         self.pruned = int(state["pruned"])
         self.evicted = int(state["evicted"])
+        self.min_count = int(state.get("min_count", 1))
+        self._seen = dict(state.get("seen", {}))
         self._counts = {item: dict(counts) for item, counts in state["counts"]}

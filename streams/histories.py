@@ -72,6 +72,18 @@ class UserHistories:
         history = self._users.get(user)
         return [entry[0] for entry in islice(reversed(history), n)] if history else []
 
+    def expire(self, *, before_ms: int) -> int:
+        """Forget users whose newest event is older than ``before_ms`` (event time). Returns how many.
+
+        Opt-in (``FRESHREC_STREAM__USER_TTL_S``): which users are gone depends on when the sweep runs,
+        so histories stop being exactly replay-stable for users near the cut-off.
+        """
+        cold = [user for user, history in self._users.items() if history and history[-1][2] < before_ms]
+        for user in cold:
+            del self._users[user]
+        self.evicted += len(cold)
+        return len(cold)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "max_len": self.max_len,

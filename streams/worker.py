@@ -191,6 +191,7 @@ class StreamWorker:
             recent=RecentIds(config.dedup_horizon),
             histories=UserHistories(max_len=config.history_len, max_users=config.max_users),
             heads={name: make_head(name) for name in config.heads},
+            cooccurrence=CoOccurrence(min_count=config.cooccurrence_min_count),
         )
         self.store = CheckpointStore(settings.home / "stream" / config.group_id / f"{config.worker_id}.ckpt")
         self.stats = StreamStats()
@@ -273,6 +274,9 @@ class StreamWorker:
             writer.join()
         started = time.monotonic()
         with self._lock:
+            ttl_s, newest = self._settings.stream.user_ttl_s, self.state.counters.now_ms
+            if ttl_s is not None and newest is not None:
+                self.state.histories.expire(before_ms=newest - int(ttl_s * 1000))
             state = self.state.state_dict()
         self._checkpoint_s = time.monotonic() - started
 

@@ -68,3 +68,16 @@ def test_scores_exclude_seen_items_and_state_round_trips() -> None:
     copy = CoOccurrence()
     copy.load_state_dict(co.state_dict())
     assert copy.neighbours("x", 5) == co.neighbours("x", 5) == [("y", 2.0), ("z", 1.0)]
+
+
+def test_the_frequency_filter_keeps_rare_items_out() -> None:
+    co = CoOccurrence(window=3, min_count=2)
+    users = ["u1", "u1", "u2", "u2", "u3", "u3"]
+    items = ["rare", "pop", "pop", "hit", "hit", "pop"]
+    co.observe_batch(users, items, _recent_of({}))
+    # "pop" and "hit" pair once both were seen twice (u3); "rare" (seen once) never pairs.
+    assert co.neighbours("pop", 5) == [("hit", 1.0)] and co.neighbours("rare", 5) == []
+    copy = CoOccurrence()
+    copy.load_state_dict(co.state_dict())
+    copy.observe("u4", "rare", recent=["pop"])
+    assert copy.neighbours("rare", 5) == [("pop", 1.0)]

@@ -31,3 +31,17 @@ def test_state_round_trip_preserves_order_and_bounds() -> None:
     histories.append(["u0"], ["new"], ["view"], [99])
     assert all(restored.get(f"u{i}") == histories.get(f"u{i}") for i in range(7))
     assert restored.max_len == 4 and len(restored.items("u0")) == 4
+
+
+def test_expire_forgets_users_idle_past_the_ttl_in_event_time() -> None:
+    histories = UserHistories(max_len=5)
+    histories.append(
+        ["old", "new", "both", "both"], ["a", "b", "c", "d"], ["view"] * 4, [100, 5_000, 100, 4_000]
+    )
+    assert histories.expire(before_ms=1_000) == 1
+    assert (
+        histories.get("old") == []
+        and histories.items("new") == ["b"]
+        and histories.items("both") == ["c", "d"]
+    )
+    assert histories.evicted == 1

@@ -205,3 +205,16 @@ def test_two_workers_in_one_group_split_the_partitions(make_settings: Callable[.
         {item: single.state.counters.total(item) for item in single.state.counters.items.ids()}
     )
     assert sum(union.values()) == 20_000
+
+
+def test_the_user_ttl_forgets_cold_users_at_checkpoints(make_settings: Callable[..., Settings]) -> None:
+    settings = stream_settings(make_settings, user_ttl_s=86_400.0)
+    replay.run(settings, "ml-100k", limit=5_000)
+    worker = StreamWorker(settings)
+    worker.run(until_idle_s=1.5)  # the final checkpoint sweeps
+    newest = worker.state.counters.now_ms
+    assert newest is not None
+    kept = [u for u in (str(n) for n in range(1, 944)) if worker.state.histories.get(u)]
+    assert kept and worker.state.histories.evicted > 0
+    assert all(worker.state.histories.get(u)[-1].ts_ms >= newest - 86_400_000 for u in kept)
+    assert worker.state.counters.total(worker.state.counters.items.id_of(0)) > 0  # counts are kept
