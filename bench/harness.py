@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ from freshrec.broker import LocalBroker
 from freshrec.settings import Settings
 from streams.admin import ensure_topics
 
-__all__ = ["bench_cluster", "consume_loop", "free_port"]
+__all__ = ["bench_cluster", "consume_loop", "free_port", "time_batches"]
 
 
 def free_port() -> int:
@@ -76,3 +77,24 @@ def consume_loop(settings: Settings, n: int, handle: Callable[[bytes], object] |
     elapsed = time.perf_counter() - started
     consumer.close()
     return n / elapsed
+
+
+def time_batches(runner: Any, handler: str, consumed: Callable[[], int], n: int) -> float:
+    """Run ``runner.run()`` (a sink or a stream worker) in a thread until ``consumed()`` reaches ``n``,
+    timing its batch handler (the method named ``handler``) from its first call to the batch that
+    reached ``n``; returns the seconds elapsed. The handler is wrapped on the instance only."""
+    marks: dict[str, float] = {}
+    real = getattr(runner, handler)
+
+    def timed(messages: list[Any]) -> None:
+        marks.setdefault("first", time.perf_counter())
+        real(messages)
+        if consumed() >= n:
+            marks["last"] = time.perf_counter()
+            runner.stop()
+
+    setattr(runner, handler, timed)
+    thread = threading.Thread(target=runner.run)
+    thread.start()
+    thread.join()
+    return marks["last"] - marks["first"]

@@ -18,13 +18,12 @@ import argparse
 import random
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from typing import Any
 
 import orjson
-from harness import bench_cluster, consume_loop
+from harness import bench_cluster, consume_loop, time_batches
 
 from freshrec.settings import Settings, SinkSettings
 from freshrec.store import open_store
@@ -66,25 +65,11 @@ def _sink_rate(settings: Settings, n: int) -> tuple[float, float]:
         update={"sink": SinkSettings(group_id=f"bench-sink-{uuid.uuid4().hex}", batch_size=10_000)}
     )
     sink = AuditSink(settings=run_settings, store=store)
-    marks: dict[str, float] = {}
-    original = sink._process  # timing hook around the real batch handler
-
-    def timed(messages: list) -> None:  # type: ignore[type-arg]
-        marks.setdefault("first", time.perf_counter())
-        original(messages)
-        if sink.stats.consumed >= n:
-            marks["last"] = time.perf_counter()
-            sink.stop()
-
-    sink._process = timed  # type: ignore[method-assign]
-    worker = threading.Thread(target=sink.run)
-    worker.start()
-    worker.join()
+    elapsed = time_batches(sink, "_process", lambda: sink.stats.consumed, n)
     rows = store.rows(f"SELECT count() FROM {store.table('events')} WHERE startsWith(event_id, 'bench-')")
     store.command(f"TRUNCATE TABLE {store.table('events')}")
     store.close()
     assert sink.stats.events == n, (sink.stats, rows)
-    elapsed = marks["last"] - marks["first"]
     return n / elapsed, insert_s / elapsed
 
 

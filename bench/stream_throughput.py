@@ -19,7 +19,7 @@ import uuid
 
 import numpy as np
 import orjson
-from harness import bench_cluster, consume_loop
+from harness import bench_cluster, consume_loop, time_batches
 
 from freshrec.settings import Settings, StreamSettings
 from streams.admin import ensure_topics
@@ -31,22 +31,9 @@ from streams.worker import StreamWorker
 def _worker_rate(settings: Settings, n: int, heads: tuple[str, ...]) -> tuple[float, int]:
     group = f"bench-stream-{uuid.uuid4().hex[:8]}"
     worker = StreamWorker(settings.model_copy(update={"stream": StreamSettings(group_id=group, heads=heads)}))
-    marks: dict[str, float] = {}
-    apply = worker._apply  # timing hook around the real batch handler
-
-    def timed(messages: list) -> None:  # type: ignore[type-arg]
-        marks.setdefault("first", time.perf_counter())
-        apply(messages)
-        if worker.stats.consumed >= n:
-            marks["last"] = time.perf_counter()
-            worker.stop()
-
-    worker._apply = timed  # type: ignore[method-assign]
-    thread = threading.Thread(target=worker.run)
-    thread.start()
-    thread.join()
+    elapsed = time_batches(worker, "_apply", lambda: worker.stats.consumed, n)
     assert worker.stats.counted == n, worker.stats
-    return n / (marks["last"] - marks["first"]), worker.state.counters.nbytes()
+    return n / elapsed, worker.state.counters.nbytes()
 
 
 def _freshness(settings: Settings, *, rate: int, seconds: float, batch_size: int) -> list[float]:
