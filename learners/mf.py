@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import random
 from collections import OrderedDict
 from typing import Any, Final
 
@@ -35,6 +36,7 @@ from learners.base import Head
 __all__ = ["IMPLICIT_TARGETS", "MatrixFactorisationHead"]
 
 IMPLICIT_TARGETS: Final = {"purchase": 5.0, "click": 4.0, "view": 3.5, "skip": 1.0}
+_POOL_SIZE: Final = 10_000
 
 
 class MatrixFactorisationHead(Head):
@@ -50,10 +52,19 @@ class MatrixFactorisationHead(Head):
         l2: float = 0.001,
         max_users: int = 200_000,
         max_items: int = 200_000,
+        negatives: int = 0,
+        uniform_negatives: bool = False,
         seed: int = 0,
     ) -> None:
         self.max_users = max_users
         self.max_items = max_items
+        self.negatives = negatives
+        self.uniform_negatives = uniform_negatives
+        self._catalogue: list[str] = []  # items seen, for uniform negatives (evicted ones are skipped)
+        self._rng = random.Random(seed)
+        self._pool: list[str] = []  # recent item ids: sampling from it is popularity-proportional
+        self._pool_at = 0
+        self.touched: list[str] = []  # items whose factors the last learn_one changed
         self._model = reco.BiasedMF(
             n_factors=n_factors,
             bias_optimizer=optim.SGD(learning_rate),
@@ -71,7 +82,29 @@ class MatrixFactorisationHead(Head):
             return
         self._touch(self._users, event.user_id, self.max_users, user=True)
         self._touch(self._items, event.item_id, self.max_items, user=False)
-        self._model.learn_one(event.user_id, event.item_id, float(target))
+        self.touched = [event.item_id]
+        if not self.negatives:
+            self._model.learn_one(event.user_id, event.item_id, float(target))
+            return
+        # Implicit feedback: the interaction is a positive (1), and `negatives` items drawn from the
+        # recent stream (so by popularity) are negatives (0) for this user.
+        self._model.learn_one(event.user_id, event.item_id, 1.0)
+        pool = self._catalogue if self.uniform_negatives else self._pool
+        for _ in range(self.negatives if pool else 0):
+            negative = pool[self._rng.randrange(len(pool))]
+            if negative != event.item_id and negative in self._items:
+                self._model.learn_one(event.user_id, negative, 0.0)
+                self.touched.append(negative)
+        if self._items[event.item_id] == 1:  # first sight of this item (or since its eviction)
+            self._catalogue.append(event.item_id)
+            if len(self._catalogue) > 2 * self.max_items:  # drop evicted items: bounded memory
+                self._catalogue = list(self._items)
+        pool_size = min(_POOL_SIZE, 4 * self.max_items)
+        if len(self._pool) < pool_size:
+            self._pool.append(event.item_id)
+        else:
+            self._pool[self._pool_at] = event.item_id
+            self._pool_at = (self._pool_at + 1) % pool_size
 
     def predict_one(self, user_id: str, item_id: str) -> float:
         # river creates entries for unknown ids on read (defaultdict); score them without learning them.
@@ -107,13 +140,15 @@ class MatrixFactorisationHead(Head):
 
     @property
     def size(self) -> int:
-        return len(self._users) + len(self._items)
+        return len(self._users) + len(self._items) + len(self._catalogue) + len(self._pool)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"blob": pickle.dumps((self.max_users, self.max_items, self._model, self._users, self._items))}
+        # Everything the head holds (river's model, the id tables, the negative sampler and its RNG),
+        # pickled at once: a snapshot that later learning cannot touch.
+        return {"blob": pickle.dumps(self.__dict__)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.max_users, self.max_items, self._model, self._users, self._items = pickle.loads(state["blob"])
+        self.__dict__.update(pickle.loads(state["blob"]))
 
     def _touch(self, table: OrderedDict[str, int], key: str, cap: int, *, user: bool) -> None:
         table[key] = table.pop(key, 0) + 1

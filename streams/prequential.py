@@ -7,8 +7,10 @@ interacted with. A hit is the event's item in the top ``k``; NDCG@k credits it `
 Then every method learns the event. An item never seen before cannot be recommended: a miss for all.
 
 Methods: ``popularity`` (all-time counts), ``decayed_popularity`` (forward decay), ``cooccurrence``
-(summed co-occurrence with the user's recent items), ``mf`` (river BiasedMF, the stream worker's head),
-and ``blend`` (the sum of the three min-max normalised scores decayed popularity, co-occurrence, MF).
+(summed co-occurrence with the user's recent items), ``mf`` (river BiasedMF regressing stars, the
+stream worker's head as configured by default), ``mf_implicit`` (the same head on implicit feedback:
+each event a positive, four uniformly sampled negatives), and ``blend`` (the sum of the min-max
+normalised scores of decayed popularity, co-occurrence and ``mf_implicit``).
 Ties are broken the same way for every method, by first appearance of the item in the stream, so
 that no method gets a free ride from many equal scores.
 """
@@ -40,7 +42,7 @@ __all__ = ["METHODS", "MethodResult", "PrequentialEvaluator", "run"]
 
 logger = logging.getLogger(__name__)
 
-METHODS: Final = ("popularity", "decayed_popularity", "cooccurrence", "mf", "blend")
+METHODS: Final = ("popularity", "decayed_popularity", "cooccurrence", "mf", "mf_implicit", "blend")
 FloatArray = npt.NDArray[np.float64]
 _EVAL_COLUMNS: Final = (
     "run_id", "dataset", "protocol", "method", "events", "k", "hr", "ndcg", "params",
@@ -64,7 +66,12 @@ class PrequentialEvaluator:
     """Test-then-train over a stream of events; see the module docstring."""
 
     def __init__(
-        self, *, k: int = 10, half_life_s: float = 30 * 86_400.0, window: int = 5, seed: int = 0
+        self,
+        *,
+        k: int = 10,
+        half_life_s: float = 30 * 86_400.0,
+        window: int = 5,
+        seed: int = 0,
     ) -> None:
         self.k = k
         self.half_life_s = half_life_s
@@ -82,6 +89,13 @@ class PrequentialEvaluator:
         self._recent: dict[str, list[str]] = {}
         self._cooccurrence = CoOccurrence(window=window, max_neighbours=100)
         self._mf = MatrixFactorisationHead(n_factors=16, seed=seed)
+        # The same head trained on implicit feedback: every event a positive, four negatives drawn
+        # uniformly from the items seen so far.
+        self._mf_implicit = MatrixFactorisationHead(
+            n_factors=16, seed=seed, negatives=4, uniform_negatives=True, learning_rate=0.05
+        )
+        self._implicit_factors: FloatArray = np.zeros((self._capacity, 16))
+        self._implicit_biases: FloatArray = np.zeros(self._capacity)
 
     def step(self, event: Event) -> None:
         """Score the event with every method, then let every method learn it."""
@@ -102,10 +116,14 @@ class PrequentialEvaluator:
             "popularity": self._counts[:n].copy(),
             "decayed_popularity": self._forward[:n] * self._decay_to(event.ts_ms),
             "cooccurrence": self._cooccurrence_scores(event.user_id, n),
-            "mf": self._mf_scores(event.user_id, n),
+            "mf": self._mf_scores(self._mf, self._factors, self._biases, event.user_id, n),
+            "mf_implicit": self._mf_scores(
+                self._mf_implicit, self._implicit_factors, self._implicit_biases, event.user_id, n
+            ),
         }
         scores["blend"] = sum(
-            (_minmax(scores[m]) for m in ("decayed_popularity", "cooccurrence", "mf")), start=np.zeros(n)
+            (_minmax(scores[m]) for m in ("decayed_popularity", "cooccurrence", "mf_implicit")),
+            start=np.zeros(n),
         )
         for method, values in scores.items():
             if seen:
@@ -124,13 +142,16 @@ class PrequentialEvaluator:
                 values[row] = score
         return values
 
-    def _mf_scores(self, user_id: str, n: int) -> FloatArray:
-        base = self._biases[:n] + self._mf.global_mean
-        user = self._mf.user_factors(user_id)
+    @staticmethod
+    def _mf_scores(
+        head: MatrixFactorisationHead, factors: FloatArray, biases: FloatArray, user_id: str, n: int
+    ) -> FloatArray:
+        base = biases[:n] + head.global_mean
+        user = head.user_factors(user_id)
         if user is None:
             return base
         vector, bias = user
-        scored: FloatArray = self._factors[:n] @ vector + base + bias
+        scored: FloatArray = factors[:n] @ vector + base + bias
         return scored
 
     def _decay_to(self, ts_ms: int) -> float:
@@ -154,21 +175,29 @@ class PrequentialEvaluator:
         if len(recent) > 8 * self.window:
             del recent[: -4 * self.window]
         self._seen.setdefault(event.user_id, []).append(row)
-        self._mf.learn_one(event)
-        item = self._mf.item_factors(event.item_id)
-        if item is not None:
-            self._factors[row], self._biases[row] = item
+        for head, factors, biases in (
+            (self._mf, self._factors, self._biases),
+            (self._mf_implicit, self._implicit_factors, self._implicit_biases),
+        ):
+            head.learn_one(event)
+            for touched in head.touched:  # mirror the changed rows for one-product scoring
+                item = head.item_factors(touched)
+                touched_row = self._items.lookup(touched)
+                if item is not None and 0 <= touched_row < self._capacity:
+                    factors[touched_row], biases[touched_row] = item
 
     def _grow(self) -> None:
         self._capacity *= 2
-        for name in ("_counts", "_forward", "_biases"):
+        for name in ("_counts", "_forward", "_biases", "_implicit_biases"):
             old = getattr(self, name)
             new = np.zeros(self._capacity)
             new[: len(old)] = old
             setattr(self, name, new)
-        factors = np.zeros((self._capacity, self._factors.shape[1]))
-        factors[: len(self._factors)] = self._factors
-        self._factors = factors
+        for name in ("_factors", "_implicit_factors"):
+            old_factors = getattr(self, name)
+            factors = np.zeros((self._capacity, old_factors.shape[1]))
+            factors[: len(old_factors)] = old_factors
+            setattr(self, name, factors)
 
 
 def _minmax(values: FloatArray) -> FloatArray:

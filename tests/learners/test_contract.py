@@ -16,6 +16,9 @@ from learners.mf import MatrixFactorisationHead
 
 HEADS: dict[str, Callable[[], Head]] = {
     "mf": lambda: MatrixFactorisationHead(max_users=50, max_items=40, seed=3),
+    "mf_implicit": lambda: MatrixFactorisationHead(
+        max_users=50, max_items=40, negatives=3, uniform_negatives=True, learning_rate=0.05, seed=3
+    ),
     "engagement": lambda: EngagementHead(hash_bits=10, max_items=40),
 }
 
