@@ -6,7 +6,8 @@
     ├── ConfigError                 fail fast: a setting or argument is wrong; the message says which
     ├── RetryableError              transient: the same call may succeed later
     │   ├── KafkaUnavailable        the broker cannot be reached or refused the request
-    │   └── StoreUnavailable        ClickHouse cannot be reached or is locked by another process
+    │   ├── StoreUnavailable        ClickHouse cannot be reached or is locked by another process
+    │   └── NothingToTrain          the freshest window holds no events yet
     ├── InvalidEvent                dead-letter: this one message breaks the event contract
     ├── DatasetError                fail fast: a dataset is missing, corrupt or cannot be fetched
     └── BrokerError                 fail fast: the local Kafka broker cannot be set up or started
@@ -24,6 +25,7 @@ __all__ = [
     "FreshrecError",
     "InvalidEvent",
     "KafkaUnavailable",
+    "NothingToTrain",
     "RetryableError",
     "StoreUnavailable",
 ]
@@ -47,6 +49,10 @@ class KafkaUnavailable(RetryableError):
 
 class StoreUnavailable(RetryableError):
     """ClickHouse cannot be reached, or (embedded chDB) its path is held by another process."""
+
+
+class NothingToTrain(RetryableError):
+    """A fine-tune found no events to learn from; it will have some once events are ingested."""
 
 
 class InvalidEvent(FreshrecError):

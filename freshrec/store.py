@@ -114,6 +114,53 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        3,
+        "training_runs and model_updates",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS {db}.training_runs
+            (
+                run_id String,
+                kind LowCardinality(String) COMMENT 'offline (dataset, leave-last-out) or finetune',
+                source String COMMENT 'the dataset, or events for the freshest window of the log',
+                status LowCardinality(String) COMMENT 'ok or failed',
+                error String COMMENT 'why a failed run failed; empty when ok',
+                events UInt64 COMMENT 'interactions trained on',
+                steps UInt64 COMMENT 'optimiser steps',
+                loss Float64 COMMENT 'mean sampled-softmax training loss',
+                hr_at_10 Nullable(Float64) COMMENT 'offline: test HR@10 (full catalogue, seen excluded)',
+                ndcg_at_10 Nullable(Float64) COMMENT 'offline: test NDCG@10',
+                published_version Nullable(UInt64) COMMENT 'finetune: the model version it published',
+                metrics String COMMENT 'JSON: every metric of the run',
+                params String COMMENT 'JSON: model and training configuration',
+                started_at DateTime64(3, 'UTC'),
+                finished_at DateTime64(3, 'UTC')
+            )
+            ENGINE = ReplacingMergeTree
+            ORDER BY run_id
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS {db}.model_updates
+            (
+                version UInt64 COMMENT 'position in the version chain, from 1',
+                parent UInt64 COMMENT 'the version it applies on; 0 for a first snapshot',
+                kind LowCardinality(String) COMMENT 'sparse (changed rows), dense (non-embedding), snapshot',
+                topic LowCardinality(String) COMMENT 'Kafka topic it was published to',
+                bytes UInt64 COMMENT 'payload size',
+                rows UInt64 COMMENT 'embedding rows carried',
+                chunks UInt32 COMMENT 'Kafka messages the payload was cut into',
+                checksum String COMMENT 'sha256 of the payload',
+                state_checksum String COMMENT 'blake2b of the whole model after applying it',
+                rollback_of Nullable(UInt64) COMMENT 'a rollback: the version whose parameters it restores',
+                run_id String COMMENT 'the training run that produced it; empty for a rollback',
+                created_at DateTime64(3, 'UTC')
+            )
+            ENGINE = ReplacingMergeTree
+            ORDER BY version
+            """,
+        ),
+    ),
 )
 
 

@@ -1,0 +1,225 @@
+"""Training the sequential transformer: epochs, full-catalogue evaluation, warm-started fine-tunes.
+
+:class:`SequenceTrainer` owns a :class:`~learners.sasrec.SASRec`, its :class:`~learners.item_rows.ItemRows`
+map and the set of table rows changed since the last publish (the delta tracker: TorchRec's idea of
+tracking touched ids, which with a sparse table and ``SparseAdam`` is exactly the set of rows that
+moved). Offline training (:mod:`learners.offline`) and the scheduled fine-tune
+(:mod:`learners.finetune`) both drive it.
+
+Evaluation follows the HSTU repository's protocol: the score of every item in the catalogue, the
+user's seen items excluded, the rank of the held-out item; HR@k counts ranks below k, NDCG@k adds
+``1 / log2(rank + 2)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from learners.item_rows import ItemRows
+from learners.sasrec import SPARSE_TABLES, SASRec, SASRecConfig
+from learners.sequences import Sequences, last_window, windows
+
+__all__ = ["EpochResult", "Metrics", "SequenceTrainer", "TrainConfig", "rank_metrics"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 1e-3  # Adam's step for dense parameters and SparseAdam's for the item table
+    batch_size: int = 128  # training windows per step
+    max_epochs: int = 200  # offline: upper bound before early stopping ends training
+    patience: int = 5  # offline: evaluations without a better validation NDCG@10 before stopping
+    seed: int = 0  # initialisation, shuffling and negative sampling
+    capacity: int = 1_000_000  # most items the table holds before stale rows are evicted
+    threads: int = 0  # torch intra-op threads (0: torch's default)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    hr: float
+    ndcg: float
+    users: int
+
+
+@dataclass(frozen=True, slots=True)
+class EpochResult:
+    loss: float
+    steps: int
+    windows: int
+    seconds: float
+    stopped_by_budget: bool
+
+
+def rank_metrics(ranks: npt.NDArray[np.int64], *, k: int = 10) -> tuple[float, float]:
+    """HR@k and NDCG@k from 0-based ranks of the held-out items."""
+    if not len(ranks):
+        return 0.0, 0.0
+    hits = ranks < k
+    return float(hits.mean()), float((hits / np.log2(ranks + 2.0)).mean())
+
+
+class SequenceTrainer:
+    """A SASRec model, its item map, its optimisers and its touched-row tracker."""
+
+    def __init__(self, *, config: SASRecConfig, train: TrainConfig | None = None) -> None:
+        self.config = config
+        self.train_config = train or TrainConfig()
+        if self.train_config.threads:
+            torch.set_num_threads(self.train_config.threads)
+        self.generator = torch.Generator().manual_seed(self.train_config.seed)
+        self.rng = np.random.default_rng(self.train_config.seed)
+        self.items = ItemRows(capacity=self.train_config.capacity)
+        torch.manual_seed(self.train_config.seed)
+        self.model = SASRec(config, rows=self.items.allocated)
+        self.step = 0
+        self._touched = np.zeros(self.items.allocated, dtype=bool)
+
+    # -- the item map -----------------------------------------------------------------------------
+
+    def rows_for(self, sequences: Sequences) -> list[list[int]]:
+        """Each history as table rows, giving new items rows (growing or evicting as needed)."""
+        flat = [item for items in sequences.values() for item in items]
+        unique = list(dict.fromkeys(flat))
+        assignment = self.items.assign(unique, step=self.step)
+        if self.items.allocated > self.model.rows:
+            self.model.grow(self.items.allocated)
+            self._touched = np.concatenate(
+                [self._touched, np.zeros(self.items.allocated - len(self._touched), dtype=bool)]
+            )
+        if len(assignment.new_rows):
+            self.model.init_rows(torch.from_numpy(assignment.new_rows), self.generator)
+            self._touched[assignment.new_rows] = True
+        if assignment.evicted:
+            logger.info("evicted %d stale items to make room", len(assignment.evicted))
+        row_of = dict(zip(unique, assignment.rows.tolist(), strict=True))
+        return [[row_of[item] for item in items] for items in sequences.values()]
+
+    def touched_rows(self) -> npt.NDArray[np.int64]:
+        """Rows of the item table changed since :meth:`clear_touched` (sorted)."""
+        return np.flatnonzero(self._touched).astype(np.int64)
+
+    def clear_touched(self) -> None:
+        self._touched[:] = False
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def _optimisers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+        sparse = [p for name, p in self.model.named_parameters() if name in SPARSE_TABLES]
+        dense = [p for name, p in self.model.named_parameters() if name not in SPARSE_TABLES]
+        lr = self.train_config.lr
+        return torch.optim.SparseAdam(sparse, lr=lr), torch.optim.Adam(dense, lr=lr)
+
+    def fit(
+        self,
+        row_sequences: Sequence[Sequence[int]],
+        *,
+        epochs: int,
+        budget_s: float | None = None,
+        optimisers: tuple[torch.optim.Optimizer, torch.optim.Optimizer] | None = None,
+    ) -> EpochResult:
+        """Train ``epochs`` passes over the windows of ``row_sequences`` (or until ``budget_s``)."""
+        started = time.monotonic()
+        inputs, targets = windows(row_sequences, max_len=self.config.max_len)
+        sparse_opt, dense_opt = optimisers or self._optimisers()
+        usable = max(1, int(self.items.allocated) - 1)
+        self.model.train()
+        total, steps, stopped = 0.0, 0, False
+        batch = self.train_config.batch_size
+        for _ in range(epochs):
+            order = self.rng.permutation(len(inputs))
+            for start in range(0, len(order), batch):
+                if budget_s is not None and time.monotonic() - started >= budget_s:
+                    stopped = True
+                    break
+                index = order[start : start + batch]
+                seq = torch.from_numpy(inputs[index])  # (B, T)
+                target = torch.from_numpy(targets[index])  # (B, T)
+                negatives = (
+                    torch.from_numpy(
+                        self.rng.integers(1, usable + 1, size=self.config.negatives, dtype=np.int64)
+                    )
+                    if self.config.negatives > 0
+                    else None
+                )  # (S,), or None: the full softmax, which moves every row
+                loss = self.model.loss(seq, target, negatives)
+                sparse_opt.zero_grad(set_to_none=True)
+                dense_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                sparse_opt.step()
+                dense_opt.step()
+                self.step += 1
+                steps += 1
+                total += loss.item()
+                if negatives is None:
+                    touched = np.arange(self.model.rows, dtype=np.int64)
+                else:
+                    touched = np.unique(
+                        np.concatenate([inputs[index].ravel(), targets[index].ravel(), negatives.numpy()])
+                    )
+                self._touched[touched] = True
+                self.items.touch(touched, step=self.step)
+            if stopped:
+                break
+        self._touched[0] = False  # padding never moves (its gradient is masked)
+        return EpochResult(
+            loss=total / max(steps, 1),
+            steps=steps,
+            windows=len(inputs),
+            seconds=time.monotonic() - started,
+            stopped_by_budget=stopped,
+        )
+
+    # -- evaluation -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def ranks(
+        self, histories: Sequence[Sequence[int]], targets: Sequence[int], *, batch_size: int = 256
+    ) -> npt.NDArray[np.int64]:
+        """0-based rank of each target among all catalogue items, the history's items excluded."""
+        self.model.eval()
+        valid_rows = np.array([item is not None for item in self.items.ids()], dtype=bool)
+        invalid = torch.from_numpy(~valid_rows[: self.model.rows])
+        out = np.empty(len(targets), dtype=np.int64)
+        for start in range(0, len(targets), batch_size):
+            hist = histories[start : start + batch_size]
+            seq = torch.from_numpy(np.stack([last_window(h, max_len=self.config.max_len) for h in hist]))
+            scores = self.model.score_all(seq)  # (B, N)
+            scores[:, invalid] = float("-inf")
+            target = torch.as_tensor(targets[start : start + batch_size], dtype=torch.int64)  # (B,)
+            target_scores = scores.gather(1, target.view(-1, 1))  # (B, 1)
+            for row, items in enumerate(hist):
+                seen = torch.as_tensor(list(items), dtype=torch.int64)
+                scores[row, seen] = float("-inf")
+            out[start : start + len(hist)] = (scores > target_scores).sum(1).numpy()
+        return out
+
+    def evaluate(self, histories: Sequence[Sequence[int]], targets: Sequence[int], *, k: int = 10) -> Metrics:
+        hr, ndcg = rank_metrics(self.ranks(histories, targets), k=k)
+        return Metrics(hr=hr, ndcg=ndcg, users=len(targets))
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def params(self) -> dict[str, npt.NDArray[np.float32]]:
+        """Every parameter as an independent float32 array (what is published)."""
+        return {name: t.detach().cpu().numpy().copy() for name, t in self.model.state_dict().items()}
+
+    def load_params(self, params: dict[str, npt.NDArray[np.float32]], item_ids: Sequence[str | None]) -> None:
+        """Adopt published parameters and the item map that goes with them (a warm start)."""
+        self.items = ItemRows.from_ids(item_ids, capacity=self.train_config.capacity)
+        rows = len(item_ids)
+        if rows != self.model.rows:
+            self.model = SASRec(self.config, rows=rows)
+        self.model.load_state_dict({name: torch.from_numpy(np.array(v)) for name, v in params.items()})
+        self._touched = np.zeros(rows, dtype=bool)
