@@ -17,7 +17,7 @@ from typing import Any, Final
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "SinkSettings", "StreamSettings", "Topics", "default_datasets_dir"]
+__all__ = ["Settings", "SinkSettings", "StreamSettings", "Topics", "TrainSettings", "default_datasets_dir"]
 
 _SECRET_HINTS: Final = ("password", "secret", "token", "key")
 
@@ -120,6 +120,30 @@ class StreamSettings(BaseModel):
     max_users: int = Field(1_000_000, ge=1, description="Users with a history; the least recent are evicted.")
 
 
+class TrainSettings(BaseModel):
+    """The transformer's scheduled fine-tune and its publishing (``freshrec train``)."""
+
+    interval_s: float = Field(300.0, gt=0, description="Seconds between fine-tune cycles.")
+    budget_s: float = Field(60.0, gt=0, description="Longest a cycle may train (wall clock).")
+    epochs: int = Field(2, ge=1, le=1_000, description="Passes over the window per cycle (within budget).")
+    window_events: int = Field(
+        200_000, ge=1, description="The freshest window: this many most recent events train a cycle."
+    )
+    dense_every: int = Field(
+        5, ge=1, description="Publish dense parameters every K-th cycle (sparse deltas every cycle)."
+    )
+    retry_s: float = Field(30.0, gt=0, description="Delay before a failed cycle is retried.")
+    snapshots_keep: int = Field(10, ge=1, description="Whole versions kept for healing and rollback.")
+    capacity: int = Field(1_000_000, ge=1, description="Items with an embedding row; stale rows are evicted.")
+    max_len: int = Field(50, ge=2, le=1_024, description="History length the transformer attends over.")
+    dim: int = Field(64, ge=8, le=1_024, description="Embedding size.")
+    blocks: int = Field(2, ge=1, le=12, description="Transformer blocks.")
+    negatives: int = Field(
+        256, ge=0, description="Shared negatives of the sampled softmax (0: full softmax)."
+    )
+    lr: float = Field(1e-3, gt=0, description="Learning rate.")
+
+
 class Settings(BaseSettings):
     """All of freshrec's configuration. Build it once, in the CLI, and pass it down."""
 
@@ -170,6 +194,7 @@ class Settings(BaseSettings):
     )
     sink: SinkSettings = Field(default_factory=SinkSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
 
     @property
     def topics(self) -> Topics:

@@ -22,6 +22,8 @@ _TOPIC_CONFIG: dict[str, dict[str, str]] = {
     "model.sparse": {"max.message.bytes": str(8 * 1024 * 1024)},
     "model.dense": {"max.message.bytes": str(8 * 1024 * 1024)},
 }
+# A model's version chain must stay in order: its topics have one partition whatever the setting.
+_SINGLE_PARTITION = frozenset({"model.sparse", "model.dense"})
 
 
 def ensure_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[str]:
@@ -37,7 +39,14 @@ def ensure_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[str]:
     topics = settings.topics
     wanted = {name: _TOPIC_CONFIG.get(name.removeprefix(topics.prefix), {}) for name in topics.all()}
     new = [
-        NewTopic(name, num_partitions=settings.broker_partitions, replication_factor=-1, config=config)
+        NewTopic(
+            name,
+            num_partitions=1
+            if name.removeprefix(topics.prefix) in _SINGLE_PARTITION
+            else settings.broker_partitions,
+            replication_factor=-1,
+            config=config,
+        )
         for name, config in wanted.items()
         if name not in existing
     ]

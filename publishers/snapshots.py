@@ -1,0 +1,87 @@
+"""The snapshot store: every recent published version, whole, in files under ``$FRESHREC_HOME/models``.
+
+Why files beside the Kafka topics: a replica that finds a gap in the chain, or an update that fails
+its checksum, needs the *newest* whole version at once, and a rollback needs an *older* one exactly;
+re-reading topics from the beginning gives neither cheaply. The publisher writes each version here
+before announcing it on Kafka, so a replica that hears of version V can always heal to V or later.
+Files are written atomically (temporary file, fsync, rename) in the same ``.npz`` format as the
+updates (:func:`publishers.updates.encode` of a snapshot), and the oldest are pruned past ``keep``.
+
+In the docker-compose stack the folder is a volume shared by ``train`` and ``serve``; a replica on a
+host without it still bootstraps from the snapshots published on ``model.dense``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from freshrec.errors import ConfigError
+from freshrec.settings import Settings
+from publishers.updates import ModelVersion, apply, decode, encode, snapshot_update
+
+__all__ = ["SnapshotStore"]
+
+logger = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^v(\d{10})\.npz$")
+
+
+class SnapshotStore:
+    """Whole model versions as files ``v<version>.npz``, newest ``keep`` kept."""
+
+    def __init__(self, directory: Path, *, keep: int = 10) -> None:
+        if keep < 1:
+            raise ValueError("keep must be at least 1")
+        self.directory = directory
+        self.keep = keep
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> SnapshotStore:
+        """``$FRESHREC_HOME/models``, keeping ``FRESHREC_TRAIN__SNAPSHOTS_KEEP`` versions."""
+        return cls(settings.home / "models", keep=settings.train.snapshots_keep)
+
+    def versions(self) -> list[int]:
+        if not self.directory.is_dir():
+            return []
+        found = (_NAME.match(path.name) for path in self.directory.iterdir())
+        return sorted(int(match.group(1)) for match in found if match)
+
+    def latest_version(self) -> int | None:
+        versions = self.versions()
+        return versions[-1] if versions else None
+
+    def path(self, version: int) -> Path:
+        return self.directory / f"v{version:010d}.npz"
+
+    def save(self, model: ModelVersion) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        target = self.path(model.version)
+        payload = encode(snapshot_update(model, parent=0))
+        with tempfile.NamedTemporaryFile(dir=self.directory, prefix=".tmp-", delete=False) as tmp:
+            tmp.write(payload)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp.name, target)
+        for old in self.versions()[: -self.keep]:
+            self.path(old).unlink(missing_ok=True)
+        return target
+
+    def load(self, version: int) -> ModelVersion:
+        """Version ``version``, verified against its checksum."""
+        try:
+            payload = self.path(version).read_bytes()
+        except FileNotFoundError as exc:
+            kept = self.versions()
+            raise ConfigError(
+                f"model version {version} is not in the snapshot store {self.directory} "
+                f"(it keeps the newest {self.keep}: {kept[0] if kept else '-'}..{kept[-1] if kept else '-'})"
+            ) from exc
+        return apply(None, decode(payload))
+
+    def latest(self) -> ModelVersion | None:
+        version = self.latest_version()
+        return None if version is None else self.load(version)
