@@ -1,4 +1,4 @@
-# freshrec's roles (sink now; stream, train and serve as they arrive) in one image.
+# freshrec's roles (sink, stream, train; serve as it arrives) in one image.
 #
 # torch from PyPI is a large CUDA build. On a CPU-only host, install a CPU wheel of torch first
 # (for example from your package index's CPU-only channel) and `pip install .` keeps it.

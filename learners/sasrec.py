@@ -48,7 +48,8 @@ class SASRecConfig:
     blocks: int = 2  # transformer blocks
     dropout: float = 0.2  # on embeddings, attention and feed-forward
     negatives: int = 256  # shared uniform negatives per batch in the sampled softmax; 0: full softmax
-    temperature: float = 1.0  # logits are divided by it
+    cosine: bool = False  # score by cosine similarity (L2-normalised vectors), as the HSTU repo does
+    temperature: float = 1.0  # logits are divided by it (with cosine, ~0.05 is typical)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -147,13 +148,21 @@ class SASRec(nn.Module):
         out: torch.Tensor = self.norm(x)
         return out
 
+    def _out(self, h: torch.Tensor) -> torch.Tensor:
+        return F.normalize(h, dim=-1) if self.config.cosine else h
+
     def user_vectors(self, seq: torch.Tensor) -> torch.Tensor:
         """The state after each history: the last position's hidden vector, (B, T) → (B, D)."""
-        return self.hidden(seq)[:, -1, :]
+        return self._out(self.hidden(seq)[:, -1, :])
+
+    def item_vectors(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Output vectors of ``rows`` (default: every row), (..., D): the tied item table."""
+        table = self.item_emb.weight if rows is None else self.item_emb(rows)
+        return self._out(table)
 
     def score_all(self, seq: torch.Tensor) -> torch.Tensor:
         """Scores of every row of the item table, (B, T) → (B, N)."""
-        return self.user_vectors(seq) @ self.item_emb.weight.T / self.config.temperature
+        return self.user_vectors(seq) @ self.item_vectors().T / self.config.temperature
 
     def loss(self, seq: torch.Tensor, target: torch.Tensor, negatives: torch.Tensor | None) -> torch.Tensor:
         """Sampled softmax over [target, shared negatives] at every real position.
@@ -162,15 +171,15 @@ class SASRec(nn.Module):
         ``negatives`` (S,) rows shared by the batch (a negative equal to the target is masked out),
         or ``None`` for the full softmax over every row.
         """
-        h = self.hidden(seq)  # (B, T, D)
+        h = self._out(self.hidden(seq))  # (B, T, D)
         real = target > 0  # (B, T)
         if negatives is None:  # full softmax over every row (padding excluded)
             every = torch.arange(self.rows, device=seq.device)  # a lookup keeps the gradient sparse
-            logits = h[real] @ self.item_emb(every).T / self.config.temperature  # (R, N)
+            logits = h[real] @ self.item_vectors(every).T / self.config.temperature  # (R, N)
             logits[:, 0] = float("-inf")
             return F.cross_entropy(logits, target[real])
-        pos = (h * self.item_emb(target)).sum(-1, keepdim=True)  # (B, T, 1)
-        neg = h @ self.item_emb(negatives).T  # (B, T, S)
+        pos = (h * self.item_vectors(target)).sum(-1, keepdim=True)  # (B, T, 1)
+        neg = h @ self.item_vectors(negatives).T  # (B, T, S)
         neg = neg.masked_fill(negatives.view(1, 1, -1) == target.unsqueeze(-1), float("-inf"))
         logits = torch.cat([pos, neg], dim=-1) / self.config.temperature  # (B, T, 1+S)
         losses = torch.logsumexp(logits, dim=-1) - logits[..., 0]  # (B, T)
