@@ -36,13 +36,16 @@ Why confluent-kafka and not faust here: this is the per-event hot path; see ``do
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import pickle
 import signal
+import sys
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -163,6 +166,35 @@ class CheckpointStore:
             os.close(directory)
 
 
+_CAN_FORK = sys.platform == "linux"
+_PR_SET_PDEATHSIG = 1
+
+
+def _fork_writer(store: CheckpointStore, state: StreamState) -> int:
+    """Fork a child that writes ``state`` (as of now) to ``store`` and exits; returns its pid.
+
+    The child only pickles and writes: it takes no lock, logs nothing and touches no Kafka client,
+    so the threads the fork leaves behind cannot deadlock it. It dies with the worker (a
+    ``kill -9`` of the worker must not let an old snapshot land after a restart's newer one).
+    """
+    parent = os.getpid()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+ warns about forking with threads
+        pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the worker died before prctl took effect
+            os._exit(1)
+        store.save(state.state_dict())
+        code = 0
+    finally:
+        os._exit(code)
+
+
 def make_head(name: str) -> Head:
     """A head by its settings name."""
     if name == "mf":
@@ -201,6 +233,7 @@ class StreamWorker:
         self.assigned: frozenset[int] = frozenset()  # partitions currently owned
         self._checkpoint_s = 0.0  # what the last checkpoint's snapshot cost the worker thread
         self._writer: threading.Thread | None = None
+        self._child: int | None = None  # pid of a forked checkpoint writer still running
         self._closing = False
 
     def stop(self) -> None:
@@ -252,42 +285,64 @@ class StreamWorker:
                     break
             self.checkpoint(wait=True)
         finally:
-            if self._writer is not None:
-                self._writer.join()
+            self._previous_checkpoint_done(wait=True)
             self._closing = True  # the revoke that close() triggers is not a move
             consumer.close()
         return self.stats
 
     def checkpoint(self, *, wait: bool = False) -> None:
-        """Write state and offsets together.
+        """Write state and offsets together, pausing ingestion as briefly as possible.
 
-        The snapshot (``state_dict``, independent copies) is taken on the worker's thread under the
-        lock; pickling, writing and fsync run on a writer thread, so that ingestion pauses only for
-        the copy. While a write is still going, a new checkpoint is skipped (``wait`` waits instead,
-        as the final one does). The loop spaces checkpoints at least ten times the snapshot's cost
-        apart, so copying takes at most ~10% of the time however large the state grows.
+        On Linux the worker **forks** under the lock (as Redis's BGSAVE does): the child owns a
+        copy-on-write image of the state at this instant, pickles it, writes and fsyncs the file and
+        exits, while the worker goes on at once; the pause is the fork (page tables), not a copy of
+        the state. Elsewhere the snapshot (``state_dict``, independent copies) is taken under the lock
+        and written by a thread. While a write is still going a new checkpoint is skipped (``wait``
+        waits instead, as the final one does). The loop spaces checkpoints at least ten times the
+        pause apart, so checkpointing costs the worker at most ~10% however large the state grows.
         """
-        writer = self._writer
-        if writer is not None and writer.is_alive():
-            if not wait:
-                return
-            writer.join()
+        if not self._previous_checkpoint_done(wait=wait):
+            return
         started = time.monotonic()
         with self._lock:
             ttl_s, newest = self._settings.stream.user_ttl_s, self.state.counters.now_ms
             if ttl_s is not None and newest is not None:
                 self.state.histories.expire(before_ms=newest - int(ttl_s * 1000))
-            state = self.state.state_dict()
+            if _CAN_FORK:
+                self._child = _fork_writer(self.store, self.state)
+            else:
+                state = self.state.state_dict()
         self._checkpoint_s = time.monotonic() - started
+        if not _CAN_FORK:
 
-        def write() -> None:
-            self.store.save(state)
-            self.stats.checkpoints += 1
+            def write() -> None:
+                self.store.save(state)
+                self.stats.checkpoints += 1
 
-        self._writer = threading.Thread(target=write, name="freshrec-checkpoint")
-        self._writer.start()
+            self._writer = threading.Thread(target=write, name="freshrec-checkpoint")
+            self._writer.start()
         if wait:
-            self._writer.join()
+            self._previous_checkpoint_done(wait=True)
+
+    def _previous_checkpoint_done(self, *, wait: bool) -> bool:
+        """Whether the last checkpoint's write has finished (waiting for it when ``wait``)."""
+        writer = self._writer
+        if writer is not None and writer.is_alive():
+            if not wait:
+                return False
+            writer.join()
+        if self._child is not None:
+            pid, status = os.waitpid(self._child, 0 if wait else os.WNOHANG)
+            if pid == 0:
+                return False
+            self._child = None
+            if os.waitstatus_to_exitcode(status) == 0:
+                self.stats.checkpoints += 1
+            else:
+                # The previous file stays (the rename is the commit): no state is lost, the next
+                # checkpoint tries again.
+                logger.error("checkpoint writer exited with %d", os.waitstatus_to_exitcode(status))
+        return True
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Idleness counts from the (re)assignment: a slow group join is not an empty topic.
