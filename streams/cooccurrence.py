@@ -71,15 +71,46 @@ class CoOccurrence:
         self, users: Sequence[str], items: Sequence[str], recent_of: Callable[[str, int], list[str]]
     ) -> None:
         """Observe a batch in order. ``recent_of(user, n)`` gives a user's last ``n`` items before the
-        batch, newest first; events within the batch see each other."""
+        batch, newest first; events within the batch see each other.
+
+        The same counts as :meth:`observe` per event, with the hot loop inlined (no call per pair):
+        this is a third of the stream worker's time.
+        """
         fresh: dict[str, list[str]] = {}
         depth = 4 * self.window  # enough to find `window` distinct items in all but repetitive histories
+        if self.min_count > 1:
+            for user, item in zip(users, items, strict=True):
+                recent = fresh.get(user)
+                if recent is None:
+                    recent = fresh[user] = recent_of(user, depth)
+                self.observe(user, item, recent=recent, newest_first=True)
+                recent.insert(0, item)
+            return
+        window, limit, table = self.window, 2 * self.max_neighbours, self._counts
         for user, item in zip(users, items, strict=True):
             recent = fresh.get(user)
             if recent is None:
                 recent = fresh[user] = recent_of(user, depth)
-            self.observe(user, item, recent=recent, newest_first=True)
+            partners: list[str] = []
+            for other in recent:
+                if other != item and other not in partners:
+                    partners.append(other)
+                    if len(partners) == window:
+                        break
             recent.insert(0, item)
+            for other in partners:
+                counts = table.get(item)
+                if counts is None:
+                    counts = self._new_counts(item)
+                counts[other] = counts.get(other, 0.0) + 1.0
+                if len(counts) > limit:
+                    self._prune(item, counts)
+                back = table.get(other)
+                if back is None:
+                    back = self._new_counts(other)
+                back[item] = back.get(item, 0.0) + 1.0
+                if len(back) > limit:
+                    self._prune(other, back)
 
     def neighbours(self, item_id: str, k: int) -> list[tuple[str, float]]:
         """The ``k`` items most often seen near ``item_id``, strongest first (ties by id)."""
@@ -98,18 +129,25 @@ class CoOccurrence:
         return scores
 
     def _bump(self, item: str, other: str) -> None:
-        table = self._counts
-        counts = table.get(item)
+        counts = self._counts.get(item)
         if counts is None:
-            counts = table[item] = {}
-            if len(table) > self.max_items:
-                del table[next(iter(table))]
-                self.evicted += 1
+            counts = self._new_counts(item)
         counts[other] = counts.get(other, 0.0) + 1.0
         if len(counts) > 2 * self.max_neighbours:
-            keep = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: self.max_neighbours]
-            self._counts[item] = dict(keep)
-            self.pruned += 1
+            self._prune(item, counts)
+
+    def _new_counts(self, item: str) -> dict[str, float]:
+        table = self._counts
+        counts = table[item] = {}
+        if len(table) > self.max_items:
+            del table[next(iter(table))]
+            self.evicted += 1
+        return counts
+
+    def _prune(self, item: str, counts: dict[str, float]) -> None:
+        keep = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: self.max_neighbours]
+        self._counts[item] = dict(keep)
+        self.pruned += 1
 
     def state_dict(self) -> dict[str, Any]:
         return {

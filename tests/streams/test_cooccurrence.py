@@ -81,3 +81,21 @@ def test_the_frequency_filter_keeps_rare_items_out() -> None:
     copy.load_state_dict(co.state_dict())
     copy.observe("u4", "rare", recent=["pop"])
     assert copy.neighbours("rare", 5) == [("pop", 1.0)]
+
+
+def test_the_batched_path_prunes_and_evicts_as_one_event_at_a_time() -> None:
+    rng = random.Random(5)
+    sessions = [(f"u{rng.randrange(20)}", f"i{int(rng.paretovariate(1.2)) % 60}") for _ in range(4000)]
+    batched = CoOccurrence(window=3, max_neighbours=4, max_items=40)
+    single = CoOccurrence(window=3, max_neighbours=4, max_items=40)
+    history: dict[str, list[str]] = {}
+    for start in range(0, len(sessions), 300):
+        part = sessions[start : start + 300]
+        batched.observe_batch(
+            [u for u, _ in part], [i for _, i in part], lambda u, _n: history.get(u, [])[::-1]
+        )
+        for user, item in part:
+            single.observe(user, item, recent=history.get(user, []))
+            history.setdefault(user, []).append(item)
+    assert batched.pruned > 0 and batched.evicted > 0
+    assert batched.state_dict() == single.state_dict()
