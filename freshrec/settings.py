@@ -139,7 +139,7 @@ class TrainSettings(BaseModel):
     dim: int = Field(64, ge=8, le=1_024, description="Embedding size.")
     blocks: int = Field(2, ge=1, le=12, description="Transformer blocks.")
     negatives: int = Field(
-        256, ge=0, description="Shared negatives of the sampled softmax (0: full softmax)."
+        1024, ge=0, description="Shared negatives of the sampled softmax (0: full softmax)."
     )
     lr: float = Field(1e-3, gt=0, description="Learning rate.")
 

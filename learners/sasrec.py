@@ -47,7 +47,7 @@ class SASRecConfig:
     heads: int = 1  # attention heads (dim must divide by it)
     blocks: int = 2  # transformer blocks
     dropout: float = 0.2  # on embeddings, attention and feed-forward
-    negatives: int = 256  # shared uniform negatives per batch in the sampled softmax; 0: full softmax
+    negatives: int = 1024  # shared uniform negatives per batch in the sampled softmax; 0: full softmax
     cosine: bool = False  # score by cosine similarity (L2-normalised vectors), as the HSTU repo does
     temperature: float = 1.0  # logits are divided by it (with cosine, ~0.05 is typical)
 
