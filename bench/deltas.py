@@ -24,17 +24,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import bench_cluster  # noqa: E402
+from harness import bench_cluster
 
-from freshrec.datasets import load_dataset  # noqa: E402
-from freshrec.settings import Settings  # noqa: E402
-from learners.sasrec import SASRecConfig  # noqa: E402
-from learners.sequences import sequences_from_records, windows  # noqa: E402
-from learners.training import SequenceTrainer, TrainConfig  # noqa: E402
-from publishers.publisher import Publisher  # noqa: E402
-from publishers.replica import Replica, ReplicaSubscriber  # noqa: E402
-from publishers.snapshots import SnapshotStore  # noqa: E402
-from publishers.updates import ModelVersion, apply, decode, encode, snapshot_update, sparse_update  # noqa: E402
+from freshrec.datasets import load_dataset
+from freshrec.settings import Settings
+from learners.sasrec import SASRecConfig
+from learners.sequences import sequences_from_records, windows
+from learners.training import SequenceTrainer, TrainConfig
+from publishers.publisher import Publisher
+from publishers.replica import Replica, ReplicaSubscriber
+from publishers.snapshots import SnapshotStore
+from publishers.updates import ModelVersion, apply, decode, encode, snapshot_update, sparse_update
 
 TABLE = "item_emb.weight"
 
@@ -67,7 +67,8 @@ def size_table(items: int, dim: int) -> None:
         size = len(encode(sparse_update(base, child, rows=rows)))
         ideal = len(rows) * row_bytes
         print(
-            f"{fraction:>8.1%} {len(rows):>8,} {size:>12,} {ideal:>12,} {size / ideal - 1:>9.2%} {size / full:>8.3f}"
+            f"{fraction:>8.1%} {len(rows):>8,} {size:>12,} {ideal:>12,}"
+            f" {size / ideal - 1:>9.2%} {size / full:>8.3f}"
         )
 
 
@@ -109,8 +110,13 @@ def latency(items: int, dim: int, publishes: int, delta_rows: int) -> None:
     lags.sort()
     local.sort()
     p50, p99 = statistics.median(lags), lags[min(len(lags) - 1, int(0.99 * len(lags)))]
-    print(f"\n2. publish -> applied on the replica, {delta_rows:,}-row deltas on {items:,} x d={dim}, n={publishes}")
-    print(f"   through Kafka: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms (max {lags[-1] * 1000:.0f} ms)")
+    print(
+        f"\n2. publish -> applied on the replica, {delta_rows:,}-row deltas on {items:,} x d={dim},"
+        f" n={publishes}"
+    )
+    print(
+        f"   through Kafka: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms (max {lags[-1] * 1000:.0f} ms)"
+    )
     print(f"   baseline (encode+decode+apply, no Kafka): p50 {statistics.median(local) * 1000:.0f} ms")
     print(f"   ratio p50 Kafka / baseline: {p50 / statistics.median(local):.2f}")
 
@@ -129,14 +135,18 @@ def finetune_cost(events: int) -> None:
     forward = time.perf_counter() - started
     result = trainer.fit(rows, epochs=1)
     per_10k = result.seconds * 10_000 / events
-    print(f"\n3. fine-tune pass over {events:,} ml-100k events ({result.windows} windows, {result.steps} steps)")
+    print(
+        f"\n3. fine-tune pass over {events:,} ml-100k events ({result.windows} windows, {result.steps} steps)"
+    )
     print(f"   train: {result.seconds:.2f} s = {per_10k:.2f} s per 10,000 events")
     print(f"   forward only (baseline): {forward:.2f} s; train / forward = {result.seconds / forward:.2f}")
     print(f"   touched rows: {len(trainer.touched_rows()):,} of {trainer.model.rows:,}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--publishes", type=int, default=30)

@@ -5,13 +5,17 @@
 Synthetic events, Zipf-distributed items (exponent 1.1 over 100,000 items), 200,000 users, through
 the local broker (or ``FRESHREC_KAFKA_BOOTSTRAP``). Each loop is a fresh consumer group timed from its
 first message to its last. Reported: events/s of the baseline (``consume(10000)`` + ``orjson.loads``)
-and of :class:`streams.worker.StreamWorker` updating total, decayed and 1 h / 1 d / 1 w windowed
-counters (checkpoints every 5 s included), their ratio, and the counters' memory.
+and of :class:`streams.worker.StreamWorker` keeping every role, then each role alone (checkpoints
+every 5 s included), their ratios, the counters' memory, and freshness under load with one worker
+and with the roles split into processes.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -27,27 +31,45 @@ from streams.producer import EventProducer
 from streams.reader import StateReader
 from streams.worker import StreamWorker
 
+ALL_ROLES = ("counters", "sequences", "heads")
 
-def _worker_rate(settings: Settings, n: int, heads: tuple[str, ...]) -> tuple[float, int]:
+
+def _worker_rate(settings: Settings, n: int, roles: tuple[str, ...]) -> tuple[float, int]:
     group = f"bench-stream-{uuid.uuid4().hex[:8]}"
-    worker = StreamWorker(settings.model_copy(update={"stream": StreamSettings(group_id=group, heads=heads)}))
+    stream = StreamSettings(group_id=group, roles=roles)
+    worker = StreamWorker(settings.model_copy(update={"stream": stream}))
     elapsed = time_batches(worker, "_apply", lambda: worker.stats.consumed, n)
     assert worker.stats.counted == n, worker.stats
     return n / elapsed, worker.state.counters.nbytes()
 
 
-def _freshness(settings: Settings, *, rate: int, seconds: float, batch_size: int) -> list[float]:
-    """Produce at ``rate`` events/s for ``seconds`` while a worker runs with counters and heads; every
-    0.1 s a probe event for a fresh item is produced and the read API polled until it counts it."""
+def _freshness(settings: Settings, *, rate: int, seconds: float, batch_size: int, split: bool) -> list[float]:
+    """Produce at ``rate`` events/s for ``seconds``; every 0.1 s a probe event for a fresh item is
+    produced and the read API polled until its counters count it. ``split=False``: one worker keeps
+    every role in this process. ``split=True``: this process keeps the counters role, and the
+    sequences and heads roles run as ``freshrec stream --role ...`` processes on the same topic."""
     group = f"bench-fresh-{uuid.uuid4().hex[:8]}"
     # A topic of its own: freshness is about new events, not a backlog.
+    roles = ("counters",) if split else ALL_ROLES
     settings = settings.model_copy(
         update={
             "topic_prefix": f"{settings.topic_prefix}{group}.",
-            "stream": StreamSettings(group_id=group, batch_size=batch_size),
+            "stream": StreamSettings(group_id=group, batch_size=batch_size, roles=roles),
         }
     )
     ensure_topics(settings)
+    others: list[subprocess.Popen[bytes]] = []
+    if split:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHREC_")} | {
+            "FRESHREC_HOME": str(settings.home),
+            "FRESHREC_KAFKA_BOOTSTRAP": settings.bootstrap,
+            "FRESHREC_TOPIC_PREFIX": settings.topic_prefix,
+            "FRESHREC_STREAM__GROUP_ID": group,
+            "FRESHREC_STREAM__BATCH_SIZE": str(batch_size),
+        }
+        for role in ("sequences", "heads"):
+            command = [sys.executable, "-m", "freshrec", "stream", "--role", role]
+            others.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL))
     worker = StreamWorker(settings)
     reader = StateReader(worker)
     thread = threading.Thread(target=worker.run)
@@ -103,6 +125,9 @@ def _freshness(settings: Settings, *, rate: int, seconds: float, batch_size: int
         loader.join()
         worker.stop()
         thread.join()
+        for process in others:
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
     return sorted(latencies)
 
 
@@ -135,35 +160,53 @@ def main() -> None:
                 }
                 producer.produce(settings.topics.events, orjson.dumps(event), key=user.encode())
         print(f"produced {args.events:,} events in {time.perf_counter() - started:.1f} s", file=sys.stderr)
-        best = {"loop": 0.0, "counters": 0.0, "heads": 0.0}
+        configs = {
+            "all": ALL_ROLES,
+            "counters+sequences": ("counters", "sequences"),
+            "counters": ("counters",),
+            "sequences": ("sequences",),
+            "heads": ("heads",),
+        }
+        best = dict.fromkeys(["loop", *configs], 0.0)
         memory = 0
         for round_no in range(1, args.rounds + 1):
-            loop = consume_loop(settings, args.events, orjson.loads)
-            counters, memory = _worker_rate(settings, args.events, heads=())
-            heads, _ = _worker_rate(settings, args.events, heads=("mf", "engagement"))
+            rates = {"loop": consume_loop(settings, args.events, orjson.loads)}
+            for name, roles in configs.items():
+                rates[name], nbytes = _worker_rate(settings, args.events, roles)
+                memory = max(memory, nbytes)
             print(
-                f"round {round_no}: loop {loop:,.0f}/s, counters {counters:,.0f}/s, +heads {heads:,.0f}/s",
+                f"round {round_no}: " + ", ".join(f"{k} {v:,.0f}/s" for k, v in rates.items()),
                 file=sys.stderr,
             )
-            best = {k: max(best[k], v) for k, v in (("loop", loop), ("counters", counters), ("heads", heads))}
+            best = {k: max(best[k], rates[k]) for k in best}
         print(f"\nstream throughput, {args.events:,} events, best of {args.rounds}")
-        print(f"{'loop':<36}{'events/s':>12}{'ratio':>8}")
-        print(f"{'consume + orjson.loads':<36}{best['loop']:>12,.0f}{1.0:>8.2f}")
-        for name, label in (
-            ("counters", "stream worker, counters"),
-            ("heads", "... + mf + engagement heads"),
-        ):
-            print(f"{label:<36}{best[name]:>12,.0f}{best[name] / best['loop']:>8.2f}")
+        print(f"{'loop':<52}{'events/s':>12}{'ratio':>8}")
+        print(f"{'consume + orjson.loads':<52}{best['loop']:>12,.0f}{1.0:>8.2f}")
+        labels = {
+            "all": "one worker, every role (mf + engagement heads)",
+            "counters+sequences": "one worker, counters + sequences (no heads)",
+            "counters": "role: counters (item counters, CTR)",
+            "sequences": "role: sequences (histories, co-occurrence)",
+            "heads": "role: heads (mf + engagement)",
+        }
+        for name, label in labels.items():
+            print(f"{label:<52}{best[name]:>12,.0f}{best[name] / best['loop']:>8.2f}")
         print(f"counter arrays: {memory / 2**20:.1f} MiB")
-        fresh = _freshness(
-            settings, rate=args.fresh_rate, seconds=args.fresh_seconds, batch_size=args.fresh_batch
-        )
-        p50, p99 = fresh[len(fresh) // 2], fresh[min(len(fresh) - 1, int(len(fresh) * 0.99))]
-        print(
-            f"freshness at {args.fresh_rate:,} events/s (counters + heads, batches of {args.fresh_batch:,}), "
-            f"{len(fresh)} probes: "
-            f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {fresh[-1] * 1000:.0f} ms"
-        )
+        for split in (False, True):
+            fresh = _freshness(
+                settings,
+                rate=args.fresh_rate,
+                seconds=args.fresh_seconds,
+                batch_size=args.fresh_batch,
+                split=split,
+            )
+            p50, p99 = fresh[len(fresh) // 2], fresh[min(len(fresh) - 1, int(len(fresh) * 0.99))]
+            how = "roles split into 3 processes" if split else "one worker, every role"
+            print(
+                f"freshness at {args.fresh_rate:,} events/s ({how}, batches of {args.fresh_batch:,}), "
+                f"{len(fresh)} probes: "
+                f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {fresh[-1] * 1000:.0f} ms"
+            )
 
 
 if __name__ == "__main__":

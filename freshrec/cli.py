@@ -211,17 +211,33 @@ def sink(until_idle: float | None, as_json: bool) -> None:
 @click.option(
     "--top", type=click.IntRange(min=0), default=10, show_default=True, help="Items in the summary."
 )
+@click.option(
+    "--role",
+    "roles",
+    multiple=True,
+    type=click.Choice(["counters", "sequences", "heads"]),
+    help="Keep only this part of the state (repeatable); default: every role.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
-def stream(until_idle: float | None, top: int, as_json: bool) -> None:
-    """Run a stream worker: real-time item counters, checkpointed with their offsets."""
+def stream(until_idle: float | None, top: int, roles: tuple[str, ...], as_json: bool) -> None:
+    """Run a stream worker: counters, sequences and heads (or some), checkpointed with their offsets."""
+    from freshrec.settings import StreamSettings
     from streams import worker as worker_module
 
     settings = _settings()
+    if roles:
+        try:
+            stream_settings = StreamSettings(**{**settings.stream.model_dump(), "roles": roles})
+        except ValidationError as exc:
+            _fail(str(exc))
+        settings = settings.model_copy(update={"stream": stream_settings})
     with _errors():
         worker, stats = worker_module.run(settings, until_idle_s=until_idle)
     counters = worker.state.counters
     result = {
         "worker_id": settings.stream.worker_id,
+        "roles": list(settings.stream.roles),
+        "group": settings.stream.effective_group_id,
         "consumed": stats.consumed,
         "counted": stats.counted,
         "invalid": stats.invalid,

@@ -14,12 +14,21 @@ import os
 from pathlib import Path
 from typing import Any, Final
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "SinkSettings", "StreamSettings", "Topics", "TrainSettings", "default_datasets_dir"]
+__all__ = [
+    "STREAM_ROLES",
+    "Settings",
+    "SinkSettings",
+    "StreamSettings",
+    "Topics",
+    "TrainSettings",
+    "default_datasets_dir",
+]
 
 _SECRET_HINTS: Final = ("password", "secret", "token", "key")
+STREAM_ROLES: Final = ("counters", "sequences", "heads")
 
 
 def _xdg(var: str, fallback: str) -> Path:
@@ -118,6 +127,27 @@ class StreamSettings(BaseModel):
         ("mf", "engagement"), description="Incremental heads learning from every event (mf, engagement)."
     )
     max_users: int = Field(1_000_000, ge=1, description="Users with a history; the least recent are evicted.")
+    roles: tuple[str, ...] = Field(
+        STREAM_ROLES,
+        min_length=1,
+        description="What this worker keeps: counters (item counts, CTR), sequences (histories, "
+        "co-occurrence), heads. A subset runs as its own consumer group, so roles scale apart.",
+    )
+
+    @field_validator("roles")
+    @classmethod
+    def _known_roles(cls, roles: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(roles) - set(STREAM_ROLES))
+        if unknown:
+            raise ValueError(f"unknown stream roles {unknown}; known: {', '.join(STREAM_ROLES)}")
+        return tuple(role for role in STREAM_ROLES if role in roles)  # canonical order, no repeats
+
+    @property
+    def effective_group_id(self) -> str:
+        """The consumer group: ``group_id``, suffixed by the roles when the worker keeps only some."""
+        if set(self.roles) == set(STREAM_ROLES):
+            return self.group_id
+        return f"{self.group_id}.{'+'.join(self.roles)}"
 
 
 class TrainSettings(BaseModel):

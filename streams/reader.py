@@ -1,8 +1,9 @@
-"""A typed, in-process read API over a running stream worker's state, safe while it writes.
+"""A typed, in-process read API over running stream workers' state, safe while they write.
 
-Every read takes the worker's lock, which the worker holds while it applies a batch, so a reader sees
-whole batches only, never half of one. Reads are short (an ``argpartition`` over one row of counts at
-most), so they do not hold up ingestion.
+Every read takes the lock of the worker that keeps that part of the state (its role: counters,
+sequences or heads), which the worker holds while it applies a batch, so a reader sees whole batches
+only, never half of one. Reads are short (an ``argpartition`` over one row of counts at most), so they
+do not hold up ingestion.
 
 >>> # reader = StateReader(worker)
 >>> # reader.popular(10, kind="decayed"), reader.history("user-1")
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from freshrec.errors import ConfigError
 from streams.clicks import CtrPosterior
 from streams.histories import HistoryEntry
 from streams.worker import StreamWorker
@@ -30,21 +32,35 @@ class ItemCounts:
 
 
 class StateReader:
-    """Read the counters and histories of ``worker`` from any thread."""
+    """Read the counters, histories and heads of ``workers`` from any thread.
 
-    def __init__(self, worker: StreamWorker) -> None:
-        self._worker = worker
+    One worker keeping every role, or one worker per role (the first that keeps a role serves it).
+    """
+
+    def __init__(self, *workers: StreamWorker) -> None:
+        if not workers:
+            raise ValueError("a StateReader needs at least one worker")
+        self._by_role: dict[str, StreamWorker] = {}
+        for worker in workers:
+            for role in worker.roles:
+                self._by_role.setdefault(role, worker)
+
+    def _keeper(self, role: str) -> StreamWorker:
+        try:
+            return self._by_role[role]
+        except KeyError:
+            raise ConfigError(f"no stream worker here keeps the {role!r} role") from None
 
     def popular(
         self, k: int, *, kind: str | int = "total", event_type: str | None = None
     ) -> list[tuple[str, float]]:
         """Top-``k`` items by all-time (``"total"``), ``"decayed"`` or windowed (seconds) counts."""
-        with self._worker.lock:
-            return self._worker.state.counters.top(k, kind=kind, event_type=event_type)
+        with (worker := self._keeper("counters")).lock:
+            return worker.state.counters.top(k, kind=kind, event_type=event_type)
 
     def counts(self, item_id: str, *, event_type: str | None = None) -> ItemCounts:
-        with self._worker.lock:
-            counters = self._worker.state.counters
+        with (worker := self._keeper("counters")).lock:
+            counters = worker.state.counters
             return ItemCounts(
                 item_id=item_id,
                 total=counters.total(item_id, event_type),
@@ -54,26 +70,26 @@ class StateReader:
 
     def history(self, user_id: str) -> list[HistoryEntry]:
         """The user's recent events, oldest first; empty for an unknown user."""
-        with self._worker.lock:
-            return self._worker.state.histories.get(user_id)
+        with (worker := self._keeper("sequences")).lock:
+            return worker.state.histories.get(user_id)
 
     def neighbours(self, item_id: str, k: int = 10) -> list[tuple[str, float]]:
         """Items most often seen near ``item_id`` in users' recent windows."""
-        with self._worker.lock:
-            return self._worker.state.cooccurrence.neighbours(item_id, k)
+        with (worker := self._keeper("sequences")).lock:
+            return worker.state.cooccurrence.neighbours(item_id, k)
 
     def ctr(self, item_id: str) -> CtrPosterior:
         """The item's click-through posterior: impressions, attributed clicks, mean and variance."""
-        with self._worker.lock:
-            return self._worker.state.clicks.posterior(item_id)
+        with (worker := self._keeper("counters")).lock:
+            return worker.state.clicks.posterior(item_id)
 
     def score(self, user_id: str, item_id: str, head: str) -> tuple[float, float]:
         """A head's score for the pair and its uncertainty in [0, 1]."""
-        with self._worker.lock:
-            model = self._worker.state.heads[head]
+        with (worker := self._keeper("heads")).lock:
+            model = worker.state.heads[head]
             return model.predict_one(user_id, item_id), model.uncertainty_one(user_id, item_id)
 
-    def offsets(self) -> dict[tuple[str, int], int]:
-        """The next offset per (topic, partition) the state reflects."""
-        with self._worker.lock:
-            return dict(self._worker.state.offsets)
+    def offsets(self, role: str = "counters") -> dict[tuple[str, int], int]:
+        """The next offset per (topic, partition) the state of ``role`` reflects."""
+        with (worker := self._keeper(role)).lock:
+            return dict(worker.state.offsets)

@@ -31,6 +31,13 @@ events, and the interleaving of partitions differs between runs, so after a repl
 equal an uninterrupted run's only when the topic has one partition (each user's own order is always
 kept).
 
+**Roles**: a worker keeps ``counters`` (item counters, CTR), ``sequences`` (histories,
+co-occurrence) and ``heads`` (river), or any subset (``FRESHREC_STREAM__ROLES``). A subset is its own
+consumer group (``<group>.<roles>``) that reads every partition, so each role scales on its own
+cores: one process doing everything is bound by one core (see ``docs/benchmarks.md``), and the
+heads, the costliest per event, no longer delay what the counters make visible.
+:class:`~streams.reader.StateReader` reads each part from the worker that keeps it.
+
 Why confluent-kafka and not faust here: this is the per-event hot path; see ``docs/benchmarks.md``.
 """
 
@@ -222,10 +229,12 @@ class StreamWorker:
             ),
             recent=RecentIds(config.dedup_horizon),
             histories=UserHistories(max_len=config.history_len, max_users=config.max_users),
-            heads={name: make_head(name) for name in config.heads},
+            heads={name: make_head(name) for name in config.heads} if "heads" in config.roles else {},
             cooccurrence=CoOccurrence(min_count=config.cooccurrence_min_count),
         )
-        self.store = CheckpointStore(settings.home / "stream" / config.group_id / f"{config.worker_id}.ckpt")
+        self.roles = frozenset(config.roles)
+        group = config.effective_group_id
+        self.store = CheckpointStore(settings.home / "stream" / group / f"{config.worker_id}.ckpt")
         self.stats = StreamStats()
         self._stop = threading.Event()
         self._assigned_at = 0.0
@@ -234,6 +243,7 @@ class StreamWorker:
         self._checkpoint_s = 0.0  # what the last checkpoint's snapshot cost the worker thread
         self._writer: threading.Thread | None = None
         self._child: int | None = None  # pid of a forked checkpoint writer still running
+        self._newest_ms: int | None = None  # newest event time applied (the TTL's clock)
         self._closing = False
 
     def stop(self) -> None:
@@ -254,8 +264,8 @@ class StreamWorker:
         consumer = Consumer(
             self._settings.kafka_config(
                 **{
-                    "group.id": config.group_id,
-                    "group.instance.id": f"{config.group_id}-{config.worker_id}",
+                    "group.id": config.effective_group_id,
+                    "group.instance.id": f"{config.effective_group_id}-{config.worker_id}",
                     "enable.auto.commit": False,  # positions come from the checkpoint
                     "auto.offset.reset": "earliest",
                     "session.timeout.ms": 30_000,
@@ -305,7 +315,7 @@ class StreamWorker:
             return
         started = time.monotonic()
         with self._lock:
-            ttl_s, newest = self._settings.stream.user_ttl_s, self.state.counters.now_ms
+            ttl_s, newest = self._settings.stream.user_ttl_s, self._newest_ms
             if ttl_s is not None and newest is not None:
                 self.state.histories.expire(before_ms=newest - int(ttl_s * 1000))
             if _CAN_FORK:
@@ -400,21 +410,26 @@ class StreamWorker:
             items.append(event.item_id)
             types.append(event.type)
             stamps.append(event.ts_ms)
+        roles = self.roles
         with self._lock:
-            self.state.counters.update(items, types, stamps)
-            histories = self.state.histories
-            self.state.cooccurrence.observe_batch(users, items, histories.recent_items)
-            histories.append(users, items, types, stamps)
-            observe_click = self.state.clicks.observe
-            for event in learned:
-                if event.type == "impression" or event.type == "click":
-                    observe_click(event.type, event.item_id, event.request_id)
+            if "counters" in roles:
+                self.state.counters.update(items, types, stamps)
+                observe_click = self.state.clicks.observe
+                for event in learned:
+                    if event.type == "impression" or event.type == "click":
+                        observe_click(event.type, event.item_id, event.request_id)
+            if "sequences" in roles:
+                histories = self.state.histories
+                self.state.cooccurrence.observe_batch(users, items, histories.recent_items)
+                histories.append(users, items, types, stamps)
             for head in self.state.heads.values():
                 learn = head.learn_one
                 for event in learned:
                     learn(event)
             self.state.offsets.update(offsets)
         stats.counted += len(items)
+        if stamps:
+            self._newest_ms = max(self._newest_ms or 0, max(stamps))
         stats.batches += 1
 
 

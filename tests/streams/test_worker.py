@@ -16,13 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import pytest
 from support import cli_env, freshrec_cli, wait_until
 
 from freshrec.datasets import load_dataset
+from freshrec.errors import ConfigError
 from freshrec.settings import Settings, StreamSettings
 from streams import replay
 from streams.admin import ensure_topics
 from streams.producer import EventProducer
+from streams.reader import StateReader
 from streams.worker import StreamWorker
 
 HOUR, DAY = 3_600, 86_400
@@ -218,3 +221,50 @@ def test_the_user_ttl_forgets_cold_users_at_checkpoints(make_settings: Callable[
     assert kept and worker.state.histories.evicted > 0
     assert all(worker.state.histories.get(u)[-1].ts_ms >= newest - 86_400_000 for u in kept)
     assert worker.state.counters.total(worker.state.counters.items.id_of(0)) > 0  # counts are kept
+
+
+def test_roles_split_into_groups_whose_union_is_one_full_worker(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = stream_settings(make_settings, heads=("mf",))
+    replay.run(settings, "ml-100k", limit=1_000)
+    full = StreamWorker(settings)
+    full.run(until_idle_s=1.5)
+    parts = {
+        role: StreamWorker(
+            settings.model_copy(update={"stream": settings.stream.model_copy(update={"roles": (role,)})})
+        )
+        for role in ("counters", "sequences", "heads")
+    }
+    threads = [threading.Thread(target=w.run, kwargs={"until_idle_s": 1.5}) for w in parts.values()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    # Each role is its own group and read every event.
+    assert {w._settings.stream.effective_group_id for w in parts.values()} == {
+        f"{settings.stream.group_id}.{role}" for role in parts
+    }
+    assert all(w.stats.counted == 1_000 for w in parts.values())
+    # What each role keeps equals the full worker's; what it does not keep, it leaves empty.
+    counters, sequences, heads = parts["counters"].state, parts["sequences"].state, parts["heads"].state
+    totals = {item: full.state.counters.total(item) for item in full.state.counters.items.ids()}
+    assert {item: counters.counters.total(item) for item in counters.counters.items.ids()} == totals
+    assert counters.histories.items("1") == [] and not counters.heads
+    users = {str(u) for u in range(1, 944)}
+    assert all(sequences.histories.items(u) == full.state.histories.items(u) for u in users)
+    # Co-occurrence is exact until pruning (which depends on how partitions interleave): compare
+    # unpruned counts.
+    assert full.state.cooccurrence.pruned == sequences.cooccurrence.pruned == 0
+    assert dict(sequences.cooccurrence.state_dict()["counts"]) == dict(
+        full.state.cooccurrence.state_dict()["counts"]
+    )
+    assert not sequences.counters.items.ids()
+    # A StateReader over the three answers as one over the full worker does.
+    split, whole = StateReader(*parts.values()), StateReader(full)
+    assert [c for _, c in split.popular(10)] == [c for _, c in whole.popular(10)]  # ties: any order
+    assert split.history("1") == whole.history("1")
+    assert split.neighbours("50") == whole.neighbours("50")
+    assert heads.heads["mf"].size == full.state.heads["mf"].size
+    with pytest.raises(ConfigError, match="keeps the 'heads' role"):
+        StateReader(parts["counters"]).score("1", "50", "mf")
