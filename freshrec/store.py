@@ -161,6 +161,34 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        4,
+        "impressions",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS {db}.impressions
+            (
+                request_id String COMMENT 'the response; clicks carry it back as their request_id',
+                user_id String,
+                position UInt16 COMMENT '0-based slot in the response',
+                item_id String,
+                score Float64 COMMENT 'fused ranking score, or the UCB score of an explore slot',
+                source LowCardinality(String) COMMENT 'transformer, cooccurrence, popular or explore',
+                explore Bool COMMENT 'chosen by the exploration policy',
+                propensity Float64 COMMENT 'probability the policy had of choosing this item here',
+                policy LowCardinality(String) COMMENT 'uncertainty, epsilon or none',
+                model_version UInt64 COMMENT 'the model version that served it (0: none yet)',
+                latency_ms Float32 COMMENT 'time to compute the response',
+                served_at DateTime64(3, 'UTC'),
+                topic LowCardinality(String),
+                partition UInt32,
+                offset UInt64
+            )
+            ENGINE = ReplacingMergeTree
+            ORDER BY (request_id, position)
+            """,
+        ),
+    ),
 )
 
 

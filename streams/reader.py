@@ -11,6 +11,8 @@ do not hold up ingestion.
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from freshrec.errors import ConfigError
@@ -77,6 +79,27 @@ class StateReader:
         """Items most often seen near ``item_id`` in users' recent windows."""
         with (worker := self._keeper("sequences")).lock:
             return worker.state.cooccurrence.neighbours(item_id, k)
+
+    def related(self, recent: Sequence[str], n: int, *, exclude: set[str]) -> list[tuple[str, float]]:
+        """Top-``n`` items by summed co-occurrence with ``recent`` items, ``exclude`` left out."""
+        with (worker := self._keeper("sequences")).lock:
+            scores = worker.state.cooccurrence.score(recent, exclude=exclude)
+        return heapq.nlargest(n, scores.items(), key=lambda kv: (kv[1], kv[0]))
+
+    def ctrs(self, items: Sequence[str]) -> list[CtrPosterior]:
+        """CTR posteriors of many items under one lock."""
+        with (worker := self._keeper("counters")).lock:
+            posterior = worker.state.clicks.posterior
+            return [posterior(item) for item in items]
+
+    def scores(self, user_id: str, items: Sequence[str], head: str) -> list[float] | None:
+        """A head's scores for many items (None when no worker here keeps that head)."""
+        worker = self._by_role.get("heads")
+        if worker is None or head not in worker.state.heads:
+            return None
+        with worker.lock:
+            predict = worker.state.heads[head].predict_one
+            return [predict(user_id, item) for item in items]
 
     def ctr(self, item_id: str) -> CtrPosterior:
         """The item's click-through posterior: impressions, attributed clicks, mean and variance."""

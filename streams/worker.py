@@ -53,11 +53,13 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
 from freshrec.errors import ConfigError, InvalidEvent, KafkaUnavailable
@@ -202,6 +204,19 @@ def _fork_writer(store: CheckpointStore, state: StreamState) -> int:
         os._exit(code)
 
 
+def _observe_served(observe: Callable[[str, str, str | None], None], value: bytes) -> None:
+    """Count each item of one served response (an ``impressions`` message) as an impression."""
+    try:
+        response = orjson.loads(value)
+        request_id = str(response["request_id"])
+        items = [str(item["item_id"]) for item in response["items"]]
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        logger.warning("malformed impressions message skipped (the sink dead-letters it): %s", exc)
+        return
+    for item in items:
+        observe("impression", item, request_id)
+
+
 def make_head(name: str) -> Head:
     """A head by its settings name."""
     if name == "mf":
@@ -218,6 +233,7 @@ class StreamWorker:
         self._settings = settings
         config = settings.stream
         self._topic = settings.topics.events
+        self._impressions = settings.topics.impressions
         self.state = StreamState(
             counters=ItemCounters(
                 CounterConfig(
@@ -273,7 +289,9 @@ class StreamWorker:
                 }
             )
         )
-        consumer.subscribe([self._topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        # The counters role also reads the decision log: served impressions feed the CTR posteriors.
+        topics = [self._topic, self._impressions] if "counters" in self.roles else [self._topic]
+        consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
         last_message = last_checkpoint = time.monotonic()
         try:
             while not self._stop.is_set():
@@ -382,6 +400,7 @@ class StreamWorker:
         types: list[str] = []
         stamps: list[int] = []
         offsets: dict[tuple[str, int], int] = {}
+        served: list[bytes] = []  # messages of the impressions topic
         stats = self.stats
         for message in messages:
             error = message.error()
@@ -393,7 +412,11 @@ class StreamWorker:
                 continue
             stats.consumed += 1
             # partition() and offset() are never None once error() is None; the stubs cannot know.
-            offsets[(self._topic, message.partition())] = message.offset() + 1  # type: ignore[index,operator]
+            topic = message.topic()
+            offsets[(topic, message.partition())] = message.offset() + 1  # type: ignore[index,operator]
+            if topic == self._impressions:
+                served.append(message.value() or b"")
+                continue
             kafka_ts = message.timestamp()[1]
             reference_ms = kafka_ts if 0 < kafka_ts < now_ms else now_ms  # as the sink: replay-stable
             try:
@@ -418,6 +441,8 @@ class StreamWorker:
                 for event in learned:
                     if event.type == "impression" or event.type == "click":
                         observe_click(event.type, event.item_id, event.request_id)
+                for value in served:
+                    _observe_served(observe_click, value)
             if "sequences" in roles:
                 histories = self.state.histories
                 self.state.cooccurrence.observe_batch(users, items, histories.recent_items)
