@@ -419,6 +419,27 @@ def _train_scheduled(settings: Settings, store: Any) -> None:
         tuner.publisher.close()
 
 
+@main.command()
+def serve() -> None:
+    """The HTTP API: recommendations from the newest model version and the live stream state."""
+    import signal
+    import threading
+
+    from publishers.server import ServingStack
+
+    settings = _settings()
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    with _errors():
+        stack = ServingStack(settings).start()
+    _err.print(f"serving on {stack.url} (OpenAPI: {stack.url}/docs); Ctrl-C stops", highlight=False)
+    try:
+        stop.wait()
+    finally:
+        stack.stop()
+
+
 @main.group()
 def model() -> None:
     """The published model versions."""
@@ -488,6 +509,35 @@ def model_rollback(to: int, as_json: bool) -> None:
         _emit_json(data)
     else:
         _err.print(f"published v{published.version}: the parameters of v{to}", highlight=False)
+
+
+@eval_.command("ips")
+@click.option("--policy", help="Only responses served by this policy (uncertainty, epsilon, none).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_ips(policy: str | None, as_json: bool) -> None:
+    """Inverse-propensity estimate of the served policy's click rate, from the decision log alone."""
+    from freshrec.store import open_store
+    from publishers import ips
+
+    settings = _settings()
+    with _errors():
+        store = open_store(settings)
+        try:
+            estimate = ips.evaluate(store, policy=policy)
+        finally:
+            store.close()
+    if as_json:
+        _emit_json(estimate.to_json())
+        return
+    rows = [
+        ("slots", f"{estimate.slots:,}"),
+        ("clicks", f"{estimate.clicks:,}"),
+        ("observed CTR", f"{estimate.observed_ctr:.4f}"),
+        ("IPS (95% CI)", f"{estimate.ips:.4f} [{estimate.ci_low:.4f}, {estimate.ci_high:.4f}]"),
+        ("SNIPS", f"{estimate.snips:.4f}"),
+        ("explore / exploit CTR", f"{estimate.explore_ctr} / {estimate.exploit_ctr}"),
+    ]
+    _print_table(["", ""], rows, title=f"IPS, target: {estimate.target}")
 
 
 @main.command()

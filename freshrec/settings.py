@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
     "STREAM_ROLES",
+    "ServeSettings",
     "Settings",
     "SinkSettings",
     "StreamSettings",
@@ -174,6 +175,28 @@ class TrainSettings(BaseModel):
     lr: float = Field(1e-3, gt=0, description="Learning rate.")
 
 
+class ServeSettings(BaseModel):
+    """Recommendations: candidates, exploration and the decision log (``freshrec serve``)."""
+
+    policy: str = Field(
+        "uncertainty",
+        pattern=r"^(uncertainty|epsilon|none)$",
+        description="Exploration: uncertainty (UCB over uncertain items), epsilon (uniform), none.",
+    )
+    explore_fraction: float = Field(
+        0.2, ge=0, le=1, description="Share of the k slots spent on exploration (uncertainty policy)."
+    )
+    epsilon: float = Field(0.1, ge=0, le=1, description="Per-slot exploration chance (epsilon policy).")
+    ucb_c: float = Field(2.0, ge=0, description="Weight of the uncertainty bonus in the UCB score.")
+    temperature: float = Field(0.05, gt=0, description="Softmax temperature over UCB scores.")
+    index_max_uncertainty: float = Field(
+        0.5, ge=0, le=1, description="Rows younger than this (1/sqrt(updates)) stay out of the main index."
+    )
+    candidates: int = Field(100, ge=1, le=10_000, description="Candidates taken from each source.")
+    max_k: int = Field(100, ge=1, le=1_000, description="Largest k a request may ask for.")
+    seed: int | None = Field(None, description="Seed of the exploration sampler (None: random).")
+
+
 class Settings(BaseSettings):
     """All of freshrec's configuration. Build it once, in the CLI, and pass it down."""
 
@@ -225,6 +248,7 @@ class Settings(BaseSettings):
     sink: SinkSettings = Field(default_factory=SinkSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
 
     @property
     def topics(self) -> Topics:

@@ -304,12 +304,21 @@ class AuditSink:
 
 
 def run(settings: Settings, store: Store, *, until_idle_s: float | None = None) -> SinkStats:
-    """Run the audit sink in this thread; SIGINT/SIGTERM finish the current batch and stop it."""
+    """Run the audit sink in this thread, and the impressions sink (the decision log) beside it on
+    another; SIGINT/SIGTERM finish the current batches and stop both."""
+    from streams.impressions import ImpressionSink  # the decision log shares this process and store
+
     sink = AuditSink(settings=settings, store=store)
+    impressions = ImpressionSink(settings=settings, store=store)
+    beside = threading.Thread(
+        target=impressions.run, kwargs={"until_idle_s": until_idle_s}, name="freshrec-impressions-sink"
+    )
+    beside.start()
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         logger.info("signal %d: stopping after the current batch", signum)
         sink.stop()
+        impressions.stop()
 
     previous = {}
     if threading.current_thread() is threading.main_thread():
@@ -320,5 +329,7 @@ def run(settings: Settings, store: Store, *, until_idle_s: float | None = None) 
     except KafkaException as exc:
         raise KafkaUnavailable(f"Kafka failed under the sink: {exc}") from exc
     finally:
+        impressions.stop()
+        beside.join()
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -1,0 +1,218 @@
+"""The HTTP API (DESIGN.md §2), hosted by ``freshrec serve`` and ``freshrec run``.
+
+Routes: ``GET /v1/recommendations/{user_id}?k=10``, ``POST /v1/events`` (one event or an array),
+``GET /healthz``, ``GET /metrics`` (Prometheus text), and the OpenAPI spec at ``/openapi.json``
+(``/docs`` renders it). With ``FRESHREC_API_TOKEN`` set, every route but ``/healthz`` needs
+``Authorization: Bearer <token>``; anything else gets 401.
+
+Why FastAPI: request validation and the OpenAPI spec come from the same type declarations, and
+``k`` out of range is a 422 before any work (so nothing is served and nothing is logged). Every
+response is logged to the ``impressions`` topic (the decision log) before it is returned.
+``POST /v1/events`` validates every event with the spine's contract first: one bad event makes the
+whole request a 422 naming each bad one, and none is published; otherwise all are published and
+acknowledged by Kafka (acks=all) before the 202.
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI reads the route signatures' annotations at
+# runtime, and ``k``'s bound (``max_k``) is a closure variable that a string annotation cannot name.
+
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+import orjson
+from fastapi import FastAPI, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel
+
+from freshrec.errors import InvalidEvent
+from freshrec.events import event_from_obj
+from freshrec.settings import Settings
+from publishers.replica import Replica
+from publishers.serving import Recommender
+from streams.impressions import encode_impression
+from streams.producer import EventProducer
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger(__name__)
+
+
+class Item(BaseModel):
+    item_id: str
+    score: float
+    source: str
+    explore: bool
+    propensity: float
+
+
+class RecommendationOut(BaseModel):
+    request_id: str
+    user_id: str
+    model_version: int
+    items: list[Item]
+
+
+class Accepted(BaseModel):
+    accepted: int
+
+
+class Metrics:
+    """Prometheus metrics of one API instance (its own registry: several apps in a process stay apart)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.latency = Histogram(
+            "freshrec_request_seconds",
+            "Request latency by route.",
+            ["route"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=self.registry,
+        )
+        self.events = Counter(
+            "freshrec_events_accepted", "Events accepted by POST /v1/events.", registry=self.registry
+        )
+        self.rejected = Counter(
+            "freshrec_events_rejected", "Requests rejected with 422.", registry=self.registry
+        )
+        self.version = Gauge("freshrec_model_version", "Model version being served.", registry=self.registry)
+        self.lag = Gauge(
+            "freshrec_model_lag_seconds",
+            "Age of the served version (since it was made).",
+            registry=self.registry,
+        )
+        self.indexed = Gauge("freshrec_index_items", "Items in the confident index.", registry=self.registry)
+        self.pool = Gauge(
+            "freshrec_explore_pool_items", "Items in the exploration pool.", registry=self.registry
+        )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    recommender: Recommender,
+    producer: EventProducer,
+    replica: Replica | None = None,
+) -> FastAPI:
+    """The API over a recommender (serving state) and a producer (events and impressions)."""
+    app = FastAPI(title="freshrec", version="1", summary="Streaming, online-learning recommendations.")
+    metrics = Metrics()
+    token = settings.api_token.get_secret_value() if settings.api_token else None
+    topics = settings.topics
+    max_k = settings.serve.max_k
+
+    @app.middleware("http")
+    async def authenticate_and_time(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        path = request.url.path
+        if token is not None and path != "/healthz":
+            header = request.headers.get("authorization", "")
+            if not secrets.compare_digest(header.encode(), f"Bearer {token}".encode()):
+                return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401)
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.latency.labels(getattr(route, "path", "unmatched")).observe(time.perf_counter() - started)
+        return response
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        index = recommender.index
+        return {"status": "ok", "model_version": 0 if index is None else index.version.version}
+
+    @app.get("/v1/recommendations/{user_id}", response_model=RecommendationOut)
+    def recommendations(
+        user_id: Annotated[str, Path(min_length=1, max_length=128)],
+        k: Annotated[int, Query(ge=1, le=max_k, description="How many items.")] = 10,
+    ) -> Response:
+        result = recommender.recommend(user_id, k)
+        items = [
+            {
+                "item_id": i.item_id,
+                "score": i.score,
+                "source": i.source,
+                "explore": i.explore,
+                "propensity": i.propensity,
+            }
+            for i in result.items
+        ]
+        producer.produce(
+            topics.impressions,
+            encode_impression(
+                request_id=result.request_id,
+                user_id=user_id,
+                policy=result.policy,
+                model_version=result.model_version,
+                latency_ms=result.latency_ms,
+                items=items,
+            ),
+            key=user_id.encode(),
+        )
+        body = {
+            "request_id": result.request_id,
+            "user_id": user_id,
+            "model_version": result.model_version,
+            "items": items,
+        }
+        return Response(orjson.dumps(body), media_type="application/json")
+
+    @app.post(
+        "/v1/events",
+        status_code=202,
+        response_model=Accepted,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"description": "One event object or an array."}}},
+            }
+        },
+    )
+    async def post_events(request: Request) -> Response:
+        try:
+            body = orjson.loads(await request.body())
+        except orjson.JSONDecodeError as exc:
+            metrics.rejected.inc()
+            return JSONResponse({"detail": [{"index": None, "reason": "not_json", "detail": str(exc)}]}, 422)
+        batch = body if isinstance(body, list) else [body]
+        now_ms = int(time.time() * 1000)
+        events, errors = [], []
+        for index, obj in enumerate(batch):
+            try:
+                events.append(
+                    event_from_obj(obj, now_ms=now_ms, max_future_skew_ms=settings.max_future_skew_ms)
+                )
+            except InvalidEvent as exc:
+                errors.append({"index": index, "reason": exc.reason, "detail": exc.detail})
+        if errors or not events:
+            metrics.rejected.inc()
+            if not errors:
+                errors.append({"index": None, "reason": "empty", "detail": "no event in the request"})
+            return JSONResponse({"detail": errors}, status_code=422)
+        for event in events:
+            producer.produce(topics.events, event.to_json(), key=event.user_id.encode())
+        producer.flush(10.0)
+        metrics.events.inc(len(events))
+        return JSONResponse({"accepted": len(events)}, status_code=202)
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        index = recommender.index
+        if index is not None:
+            metrics.version.set(index.version.version)
+            metrics.lag.set(max(0.0, time.time() - index.version.created_at_ms / 1000))
+            metrics.indexed.set(len(index.index_rows))
+            metrics.pool.set(len(index.pool_rows))
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,259 @@
+"""Recommendations: candidates from every signal, a fused ranking, exploration with known propensities.
+
+For a user and ``k``:
+
+1. **Candidates**, each with its ``source``: the transformer's exact top-n over the confident index
+   (user state from the history the stream keeps), co-occurrence neighbours of the user's recent items,
+   and decayed popularity. Items the user has already interacted with are filtered out everywhere.
+   An unknown user has no history: popularity and exploration serve them.
+2. **Ranking**: reciprocal-rank fusion (``sum 1 / (60 + rank)``) of the sources' orders and of the MF
+   head's order over the candidates. Fusion needs no calibration between scores of different scales;
+   an item's ``source`` is the source that ranked it best.
+3. **Exploration**, by policy:
+
+   - ``uncertainty`` (default): ``round(k * explore_fraction)`` slots go to the **exploration pool**:
+     items the index left out because their embedding is young, items the stream has seen lately
+     that the model has no row for yet, and the fused candidates just below the cut. Each is scored
+     by UCB, ``mean CTR + c * (sd of the CTR posterior + 0.1 x embedding uncertainty)``, and slots
+     are filled by sampling without replacement from ``softmax(UCB / temperature)``; an explore
+     item's ``propensity`` is the probability it had at its draw. Exploit items are deterministic
+     given the state: propensity 1.
+   - ``epsilon``: each slot, with probability epsilon, shows a uniformly drawn unseen item from the
+     catalogue instead (propensity ``epsilon / pool``); exploit slots carry ``1 - epsilon``.
+   - ``none``: the fused ranking only.
+
+Explore items take evenly spaced positions (not only the bottom, where position bias would starve
+them). Every response is a :class:`Recommendation`; :mod:`publishers.api` logs it as an impression.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from freshrec.settings import ServeSettings
+from publishers.replica import Replica
+from publishers.retrieval import RowStats, ServingIndex
+from publishers.updates import ModelVersion
+from streams.reader import StateReader
+
+__all__ = ["Recommendation", "Recommender", "ServedItem"]
+
+logger = logging.getLogger(__name__)
+
+_RRF_K = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServedItem:
+    item_id: str
+    score: float
+    source: str  # transformer, cooccurrence, popular, explore
+    explore: bool
+    propensity: float
+
+
+@dataclass(frozen=True, slots=True)
+class Recommendation:
+    request_id: str
+    user_id: str
+    model_version: int
+    policy: str
+    items: list[ServedItem]
+    latency_ms: float
+
+
+class Recommender:
+    """Serves from the newest model version a replica holds and the stream state a reader sees."""
+
+    def __init__(
+        self, *, settings: ServeSettings, replica: Replica | None = None, reader: StateReader | None = None
+    ) -> None:
+        self.settings = settings
+        self.reader = reader
+        self.rng = np.random.default_rng(settings.seed)
+        self._stats = RowStats()
+        self._index: ServingIndex | None = None
+        if replica is not None:
+            replica.on_version(self._refresh)
+            if replica.current is not None:
+                self._refresh(replica.current)
+
+    @property
+    def index(self) -> ServingIndex | None:
+        return self._index
+
+    def _refresh(self, version: ModelVersion) -> None:
+        """A new version: rebuild the index beside the old one, then swap (readers see one or the other)."""
+        self._stats.observe(version)
+        self._index = ServingIndex.build(
+            version, self._stats, max_uncertainty=self.settings.index_max_uncertainty
+        )
+        logger.info(
+            "serving v%d: %d items indexed, %d in the exploration pool",
+            version.version,
+            len(self._index.index_rows),
+            len(self._index.pool_rows),
+        )
+
+    def recommend(self, user_id: str, k: int, *, request_id: str | None = None) -> Recommendation:
+        started = time.perf_counter()
+        index = self._index
+        reader = self.reader
+        history = [entry.item_id for entry in reader.history(user_id)] if reader is not None else []
+        seen = set(history)
+        n = max(self.settings.candidates, k)
+        lists: dict[str, list[tuple[str, float]]] = {}
+        if index is not None and history:
+            vector = index.user_vector(history)
+            if vector is not None:
+                lists["transformer"] = index.top(vector, n, exclude=seen)
+        if reader is not None:
+            if history:
+                lists["cooccurrence"] = reader.related(history[-10:], n, exclude=seen)
+            lists["popular"] = [
+                (item, score)
+                for item, score in reader.popular(n + len(seen), kind="decayed")
+                if item not in seen
+            ][:n]
+        fused, source = _fuse(lists)
+        if reader is not None and fused:
+            names = list(fused)
+            head = reader.scores(user_id, names, "mf")
+            if head is not None:  # the MF head's order over the candidates joins the fusion
+                order = sorted(range(len(names)), key=lambda i: -head[i])
+                for rank, position in enumerate(order):
+                    fused[names[position]] += 1.0 / (_RRF_K + rank + 1)
+        ranked = sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))
+        policy = self.settings.policy
+        if policy == "uncertainty":
+            items = self._uncertainty(ranked, source, k, seen)
+        elif policy == "epsilon":
+            items = self._epsilon(ranked, source, k, seen)
+        else:
+            items = [ServedItem(i, s, source[i], False, 1.0) for i, s in ranked[:k]]
+        return Recommendation(
+            request_id=request_id or uuid.uuid4().hex,
+            user_id=user_id,
+            model_version=0 if index is None else index.version.version,
+            policy=policy,
+            items=items,
+            latency_ms=(time.perf_counter() - started) * 1000,
+        )
+
+    # -- exploration ------------------------------------------------------------------------------
+
+    def _pool(self, exclude: set[str], tail: Sequence[str]) -> list[tuple[str, float]]:
+        """Exploration candidates and their embedding uncertainty (1 for items the model lacks)."""
+        index = self._index
+        pool: dict[str, float] = {}
+        for item in tail:  # relevant but below the cut: their CTR posterior decides
+            row = index.row_of.get(item) if index is not None else None
+            pool[item] = float(index.uncertainty[row]) if index is not None and row is not None else 1.0
+        if index is not None:
+            for row in index.pool_rows.tolist():
+                item = index.item_of[row]
+                if item is not None and item not in exclude:
+                    pool[item] = float(index.uncertainty[row])
+        if self.reader is not None:  # what the stream saw lately that the model has no row for yet
+            known = index.row_of if index is not None else {}
+            for item, _ in self.reader.popular(self.settings.candidates, kind="decayed"):
+                if item not in known and item not in exclude:
+                    pool.setdefault(item, 1.0)
+        return list(pool.items())
+
+    def _uncertainty(
+        self, ranked: list[tuple[str, float]], source: dict[str, str], k: int, seen: set[str]
+    ) -> list[ServedItem]:
+        slots = round(k * self.settings.explore_fraction)
+        exploit = [item for item, _ in ranked[: k - slots]]
+        tail = [item for item, _ in ranked[k - slots : k - slots + self.settings.candidates]]
+        pool = self._pool(seen | set(exploit), tail) if slots else []
+        picks: list[ServedItem] = []
+        if pool:
+            names = [item for item, _ in pool]
+            embedding = np.array([u for _, u in pool])
+            if self.reader is not None:
+                posteriors = self.reader.ctrs(names)
+                mean = np.array([p.mean for p in posteriors])
+                sd = np.sqrt(np.array([p.variance for p in posteriors]))
+            else:
+                mean, sd = np.full(len(names), 0.05), np.full(len(names), 0.05)
+            ucb = mean + self.settings.ucb_c * (sd + 0.1 * embedding)
+            logits = (ucb - ucb.max()) / self.settings.temperature
+            weights = np.exp(logits)
+            available = np.ones(len(names), dtype=bool)
+            for _ in range(min(slots, len(names))):
+                w = np.where(available, weights, 0.0)
+                p = w / w.sum()
+                choice = int(self.rng.choice(len(names), p=p))
+                available[choice] = False
+                picks.append(ServedItem(names[choice], float(ucb[choice]), "explore", True, float(p[choice])))
+        scores = dict(ranked)
+        exploit_items = [ServedItem(i, scores[i], source[i], False, 1.0) for i in exploit]
+        # Fill from the ranking when the pool ran short, so that k items come back when they exist.
+        for item, score in ranked[k - slots :]:
+            if len(exploit_items) + len(picks) >= k:
+                break
+            exploit_items.append(ServedItem(item, score, source[item], False, 1.0))
+        return _interleave(exploit_items, picks)
+
+    def _epsilon(
+        self, ranked: list[tuple[str, float]], source: dict[str, str], k: int, seen: set[str]
+    ) -> list[ServedItem]:
+        epsilon = self.settings.epsilon
+        catalogue = self._catalogue(seen)
+        exploit = iter(ranked)
+        out: list[ServedItem] = []
+        used: set[str] = set()
+        for _ in range(k):
+            if catalogue and self.rng.random() < epsilon:
+                item = catalogue[int(self.rng.integers(len(catalogue)))]
+                if item not in used:
+                    used.add(item)
+                    out.append(ServedItem(item, 0.0, "explore", True, epsilon / len(catalogue)))
+                    continue
+            for item, score in exploit:
+                if item not in used:
+                    used.add(item)
+                    out.append(ServedItem(item, score, source[item], False, 1.0 - epsilon))
+                    break
+        return out
+
+    def _catalogue(self, seen: set[str]) -> list[str]:
+        index = self._index
+        items = [] if index is None else [i for i in index.item_of if i is not None and i not in seen]
+        if not items and self.reader is not None:
+            items = [i for i, _ in self.reader.popular(10_000) if i not in seen]
+        return items
+
+
+def _fuse(lists: dict[str, list[tuple[str, float]]]) -> tuple[dict[str, float], dict[str, str]]:
+    """Reciprocal-rank fusion of ranked lists; each item's source is the list that ranked it best."""
+    fused: dict[str, float] = {}
+    best: dict[str, tuple[int, str]] = {}
+    for name, ranked in lists.items():
+        for rank, (item, _) in enumerate(ranked):
+            fused[item] = fused.get(item, 0.0) + 1.0 / (_RRF_K + rank + 1)
+            if item not in best or rank < best[item][0]:
+                best[item] = (rank, name)
+    return fused, {item: name for item, (_, name) in best.items()}
+
+
+def _interleave(exploit: Sequence[ServedItem], explore: Sequence[ServedItem]) -> list[ServedItem]:
+    """Explore items at evenly spaced positions among the exploit items."""
+    total = len(exploit) + len(explore)
+    positions = {math.floor((j + 1) * total / (len(explore) + 1)) for j in range(len(explore))}
+    out: list[ServedItem] = []
+    exploit_iter, explore_iter = iter(exploit), iter(explore)
+    for position in range(total):
+        source = explore_iter if position in positions else exploit_iter
+        item = next(source, None) or next(exploit_iter if source is explore_iter else explore_iter)
+        out.append(item)
+    return out
