@@ -232,8 +232,12 @@ class LocalBroker:
             return
         cluster_id_path = self.root / "cluster.id"
         if not cluster_id_path.exists():
-            # Kafka's cluster ids are 16 random bytes in URL-safe base64 without padding.
-            raw = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+            # Kafka's cluster ids are 16 random bytes in URL-safe base64 without padding; like Kafka's
+            # own Uuid.randomUuid, never one starting with "-", which a command line reads as an option
+            # (1 start in 64 did: "argument --cluster-id: expected one argument").
+            raw = "-"
+            while raw.startswith("-"):
+                raw = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
             cluster_id_path.write_text(raw + "\n")
         cluster_id = cluster_id_path.read_text().strip()
         command = [
@@ -244,8 +248,7 @@ class LocalBroker:
             f"-Dkafka.logs.dir={self.logs_dir}",
             "kafka.tools.StorageTool",
             "format",
-            "--cluster-id",
-            cluster_id,
+            f"--cluster-id={cluster_id}",
             "--config",
             str(self.config_path),
             "--ignore-formatted",
