@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 
+import torch
 import uvicorn
 
 from freshrec.errors import ConfigError
@@ -34,6 +35,7 @@ class ServingStack:
     """Stream worker + model replica + recommender + API; :meth:`start` in threads, :meth:`stop`."""
 
     def __init__(self, settings: Settings) -> None:
+        torch.set_num_threads(settings.serve.torch_threads)  # this process serves: see ServeSettings
         group = f"{settings.stream.group_id}.serve-{settings.stream.worker_id}"
         stream = settings.stream.model_copy(update={"group_id": group})
         self.settings = settings.model_copy(update={"stream": stream})
@@ -55,6 +57,8 @@ class ServingStack:
                 log_level="warning",
                 access_log=False,
                 lifespan="off",
+                http="httptools",
+                loop="uvloop",
             )
         )
         self._threads: list[threading.Thread] = []
