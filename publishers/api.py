@@ -107,7 +107,8 @@ def create_app(
     """The API over a recommender (serving state) and a producer (events and impressions)."""
     app = FastAPI(title="freshrec", version="1", summary="Streaming, online-learning recommendations.")
     metrics = Metrics()
-    token = settings.api_token.get_secret_value() if settings.api_token else None
+    # An empty token (e.g. an unset variable in docker-compose) means no authentication, not "Bearer ".
+    token = (settings.api_token.get_secret_value() if settings.api_token else None) or None
     topics = settings.topics
     max_k = settings.serve.max_k
 
