@@ -95,6 +95,12 @@ class Metrics:
         self.pool = Gauge(
             "freshrec_explore_pool_items", "Items in the exploration pool.", registry=self.registry
         )
+        self.state = Gauge(
+            "freshrec_state_size",
+            "Stream state held by this replica, by part.",
+            ["part"],
+            registry=self.registry,
+        )
 
 
 def create_app(
@@ -216,6 +222,9 @@ def create_app(
             metrics.lag.set(max(0.0, time.time() - index.version.created_at_ms / 1000))
             metrics.indexed.set(len(index.index_rows))
             metrics.pool.set(len(index.pool_rows))
+        if recommender.reader is not None:
+            for part, size in recommender.reader.sizes().items():
+                metrics.state.labels(part).set(size)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -112,6 +112,23 @@ class StateReader:
             model = worker.state.heads[head]
             return model.predict_one(user_id, item_id), model.uncertainty_one(user_id, item_id)
 
+    def sizes(self) -> dict[str, int]:
+        """What the state holds, for ``/metrics``: items counted, counter bytes, users with a history,
+        items with co-occurrence lists, and each head's entries."""
+        out: dict[str, int] = {}
+        if (counters := self._by_role.get("counters")) is not None:
+            with counters.lock:
+                out["counter_items"] = len(counters.state.counters.items)
+                out["counter_bytes"] = counters.state.counters.nbytes()
+        if (sequences := self._by_role.get("sequences")) is not None:
+            with sequences.lock:
+                out["history_users"] = len(sequences.state.histories)
+                out["cooccurrence_items"] = len(sequences.state.cooccurrence)
+        if (heads := self._by_role.get("heads")) is not None:
+            with heads.lock:
+                out |= {f"head_{name}_entries": head.size for name, head in heads.state.heads.items()}
+        return out
+
     def offsets(self, role: str = "counters") -> dict[tuple[str, int], int]:
         """The next offset per (topic, partition) the state of ``role`` reflects."""
         with (worker := self._keeper(role)).lock:

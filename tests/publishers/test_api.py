@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import random
 import time
 import uuid
@@ -70,8 +69,6 @@ def stack(api_settings: Settings, store: Store) -> Iterator[ServingStack]:
     )
     yield stack
     stack.stop()
-    del stack
-    gc.collect()  # its clients (held in cycles through the app) close now, not at exit after the broker
 
 
 def _client(stack: ServingStack, *, token: str | None = TOKEN) -> httpx.Client:
@@ -126,6 +123,8 @@ def test_recommendations_auth_validation_and_the_decision_log(
         assert client.get("/openapi.json").json()["paths"]["/v1/recommendations/{user_id}"]
         metrics = client.get("/metrics").text
         assert "freshrec_model_version 1.0" in metrics and "freshrec_request_seconds_bucket" in metrics
+        assert 'freshrec_state_size{part="history_users"} 40.0' in metrics
+        assert 'freshrec_state_size{part="counter_bytes"}' in metrics
 
     # Exactly the two good responses were logged, each item with its propensity, nothing for the 422s.
     logged = _impression_messages(api_settings)
