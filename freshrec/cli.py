@@ -440,6 +440,49 @@ def serve() -> None:
         stack.stop()
 
 
+@main.command()
+@click.option(
+    "--requests", type=click.IntRange(min=10), default=1_500, show_default=True, help="Per policy run."
+)
+@click.option("--users", type=click.IntRange(min=2), default=200, show_default=True)
+@click.option("--seed", "seeds", type=int, multiple=True, help="Repeatable; default: 0 and 1.")
+@click.option(
+    "--policy",
+    "policies",
+    type=click.Choice(["none", "epsilon", "uncertainty"]),
+    multiple=True,
+    help="Repeatable; default: all three.",
+)
+@click.option("--plot", type=click.Path(dir_okay=False), default="simulation.png", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the summaries as JSON.")
+def simulate(
+    requests: int, users: int, seeds: tuple[int, ...], policies: tuple[str, ...], plot: str, as_json: bool
+) -> None:
+    """Closed loop: simulated users with hidden tastes against the real stack, policy by policy."""
+    from pathlib import Path
+
+    from publishers import simulator
+
+    settings = _settings()
+    config = simulator.SimConfig(requests=requests, users=users)
+    with _errors():
+        summaries = simulator.run(
+            settings,
+            config,
+            policies=policies or ("none", "epsilon", "uncertainty"),
+            seeds=seeds or (0, 1),
+            port=settings.api_port,
+            plot=Path(plot),
+        )
+    if as_json:
+        _emit_json(summaries)
+        return
+    columns = ["policy", "seed", "clicks_per_request", "coverage", "good_new_served_widely",
+               "median_requests_to_widely"]  # fmt: skip
+    _print_table(columns, [[s[c] for c in columns] for s in summaries], title="closed-loop simulation")
+    _err.print(f"plot: {plot}", highlight=False)
+
+
 @main.group()
 def model() -> None:
     """The published model versions."""
