@@ -92,43 +92,39 @@ class FineTuner:
         try:
             result = self._cycle(run_id)
         except Exception as exc:
-            if self.store is not None:
-                record_run(
-                    self.store,
-                    run_id=run_id,
-                    kind="finetune",
-                    dataset="events",
-                    events=0,
-                    steps=0,
-                    loss=float("nan"),
-                    metrics={},
-                    params={},
-                    started_at=started_at,
-                    version=None,
-                    status="failed",
-                    error=f"{type(exc).__name__}: {exc}",
-                )
+            self._record(run_id, started_at, None, error=f"{type(exc).__name__}: {exc}")
             raise
-        if self.store is not None:
-            record_run(
-                self.store,
-                run_id=run_id,
-                kind="finetune",
-                dataset="events",
-                events=result.events,
-                steps=result.steps,
-                loss=result.loss,
-                metrics={
-                    "users": result.users,
-                    "train_s": result.train_s,
-                    "stopped_by_budget": result.stopped_by_budget,
-                    "published": [p.kind for p in result.published],
-                },
-                params={"model": self.config.to_dict(), "train": self.train_config.to_dict()},
-                started_at=started_at,
-                version=result.version,
-            )
+        self._record(run_id, started_at, result)
         return result
+
+    def _record(
+        self, run_id: str, started_at: datetime, result: CycleResult | None, *, error: str = ""
+    ) -> None:
+        """The cycle's row of ``training_runs`` (a failed one too, with its error)."""
+        if self.store is None:
+            return
+        record_run(
+            self.store,
+            run_id=run_id,
+            kind="finetune",
+            dataset="events",
+            events=0 if result is None else result.events,
+            steps=0 if result is None else result.steps,
+            loss=float("nan") if result is None else result.loss,
+            metrics={}
+            if result is None
+            else {
+                "users": result.users,
+                "train_s": result.train_s,
+                "stopped_by_budget": result.stopped_by_budget,
+                "published": [p.kind for p in result.published],
+            },
+            params={"model": self.config.to_dict(), "train": self.train_config.to_dict()},
+            started_at=started_at,
+            version=None if result is None else result.version,
+            status="failed" if result is None else "ok",
+            error=error,
+        )
 
     def _warm_start(self) -> int | None:
         latest = self.publisher.latest

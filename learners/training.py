@@ -37,7 +37,9 @@ class TrainConfig:
     lr: float = 1e-3  # Adam's step for dense parameters and SparseAdam's for the item table
     batch_size: int = 128  # training windows per step
     max_epochs: int = 200  # offline: upper bound before early stopping ends training
-    patience: int = 10  # offline: epochs without a better validation NDCG@10 before stopping (noisy: small valid sets)
+    patience: int = (
+        10  # offline: epochs without a better validation NDCG@10 before stopping (noisy: small valid sets)
+    )
     seed: int = 0  # initialisation, shuffling and negative sampling
     capacity: int = 1_000_000  # most items the table holds before stale rows are evicted
     threads: int = 0  # torch intra-op threads (0: torch's default)

@@ -169,7 +169,10 @@ class Publisher:
         return self.publish_snapshot(old.params, old.item_ids, config=old.config, rollback_of=to)
 
     def close(self) -> None:
-        self._producer.flush(30)
+        """Deliver what is queued and release the Kafka client (the publisher cannot be used after)."""
+        if hasattr(self, "_producer"):
+            self._producer.flush(30)
+            del self._producer  # the librdkafka client goes now, not whenever a cycle is collected
 
     # -- sending -----------------------------------------------------------------------------------
 

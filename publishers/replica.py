@@ -27,14 +27,14 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
 
 from freshrec.errors import KafkaUnavailable
 from freshrec.settings import Settings
 from publishers.publisher import CHUNK_HEADER
 from publishers.snapshots import SnapshotStore
 from publishers.updates import ChecksumMismatch, ModelUpdate, ModelVersion, apply, decode, payload_checksum
-from streams.admin import ensure_topics
+from streams.admin import check_consume_error, ensure_topics
 
 __all__ = ["Applied", "ChunkAssembler", "Replica", "ReplicaStats", "ReplicaSubscriber"]
 
@@ -264,10 +264,7 @@ class ReplicaSubscriber:
                 for message in consumer.consume(100, 0.1):
                     error = message.error()
                     if error is not None:
-                        if error.fatal():
-                            raise KafkaUnavailable(f"fatal consumer error: {error}")
-                        if error.code() != KafkaError._PARTITION_EOF:
-                            logger.warning("model topic error (will retry): %s", error)
+                        check_consume_error(error)
                         continue
                     header = dict(message.headers() or []).get(CHUNK_HEADER)
                     if header is None:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from freshrec.errors import KafkaUnavailable
 from freshrec.settings import Settings
 
-__all__ = ["ensure_topics"]
+__all__ = ["check_consume_error", "ensure_topics"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,3 +62,12 @@ def ensure_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[str]:
                 raise KafkaUnavailable(f"cannot create topic {name}: {exc}") from exc
     logger.info("created topics %s", ", ".join(created))
     return created
+
+
+def check_consume_error(error: KafkaError) -> None:
+    """What every consume loop does with a message's error: raise a fatal one, log the rest (the
+    client retries them), stay quiet about reaching a partition's end."""
+    if error.fatal():
+        raise KafkaUnavailable(f"fatal consumer error: {error}")
+    if error.code() != KafkaError._PARTITION_EOF:
+        logger.warning("consumer error (will retry): %s", error)

@@ -17,12 +17,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 
-from freshrec.errors import KafkaUnavailable
 from freshrec.settings import Settings
 from freshrec.store import Store
-from streams.admin import ensure_topics
+from streams.admin import check_consume_error, ensure_topics
 
 __all__ = ["IMPRESSION_COLUMNS", "ImpressionSink", "encode_impression", "impression_rows"]
 
@@ -151,10 +150,7 @@ class ImpressionSink:
         for message in messages:
             error = message.error()
             if error is not None:
-                if error.fatal():
-                    raise KafkaUnavailable(f"fatal consumer error: {error}")
-                if error.code() != KafkaError._PARTITION_EOF:
-                    logger.warning("consumer error (will retry): %s", error)
+                check_consume_error(error)
                 continue
             partition: int = message.partition()  # type: ignore[assignment]
             offset: int = message.offset()  # type: ignore[assignment]

@@ -37,13 +37,13 @@ from types import FrameType
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from freshrec.errors import InvalidEvent, KafkaUnavailable
 from freshrec.events import REASON_DUPLICATE, parse_event
 from freshrec.settings import Settings
 from freshrec.store import Store
-from streams.admin import ensure_topics
+from streams.admin import check_consume_error, ensure_topics
 from streams.dedup import RecentIds
 from streams.producer import EventProducer
 
@@ -202,7 +202,7 @@ class AuditSink:
         for message in messages:
             error = message.error()
             if error is not None:
-                self._on_consume_error(error)
+                check_consume_error(error)
                 continue
             # Never None once error() is None; the stubs cannot know that.
             partition: int = message.partition()  # type: ignore[assignment]
@@ -294,13 +294,6 @@ class AuditSink:
                 TopicPartition(self._topic, partition, offset) for partition, offset in next_offsets.items()
             ]
         )
-
-    @staticmethod
-    def _on_consume_error(error: KafkaError) -> None:
-        if error.fatal():
-            raise KafkaUnavailable(f"fatal consumer error: {error}")
-        if error.code() != KafkaError._PARTITION_EOF:
-            logger.warning("consumer error (will retry): %s", error)
 
 
 def run(settings: Settings, store: Store, *, until_idle_s: float | None = None) -> SinkStats:

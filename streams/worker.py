@@ -60,15 +60,15 @@ from types import FrameType
 from typing import Any
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
-from freshrec.errors import ConfigError, InvalidEvent, KafkaUnavailable
+from freshrec.errors import ConfigError, InvalidEvent
 from freshrec.events import Event, parse_event
 from freshrec.settings import Settings
 from learners.base import Head
 from learners.ctr import EngagementHead
 from learners.mf import MatrixFactorisationHead
-from streams.admin import ensure_topics
+from streams.admin import check_consume_error, ensure_topics
 from streams.clicks import ClickThrough
 from streams.cooccurrence import CoOccurrence
 from streams.counters import CounterConfig, ItemCounters
@@ -405,10 +405,7 @@ class StreamWorker:
         for message in messages:
             error = message.error()
             if error is not None:
-                if error.fatal():
-                    raise KafkaUnavailable(f"fatal consumer error: {error}")
-                if error.code() != KafkaError._PARTITION_EOF:
-                    logger.warning("consumer error (will retry): %s", error)
+                check_consume_error(error)
                 continue
             stats.consumed += 1
             # partition() and offset() are never None once error() is None; the stubs cannot know.
