@@ -80,6 +80,8 @@ class Recommender:
         self.rng = np.random.default_rng(settings.seed)
         self._stats = RowStats()
         self._index: ServingIndex | None = None
+        self._known: list[str] = []  # the model's items, for epsilon's uniform draw
+        self._known_set: set[str] = set()
         if replica is not None:
             replica.on_version(self._refresh)
             if replica.current is not None:
@@ -92,6 +94,8 @@ class Recommender:
     def _refresh(self, version: ModelVersion) -> None:
         """A new version: rebuild the index beside the old one, then swap (readers see one or the other)."""
         self._stats.observe(version)
+        self._known = [item for item in version.item_ids if item is not None]
+        self._known_set = set(self._known)
         self._index = ServingIndex.build(
             version, self._stats, max_uncertainty=self.settings.index_max_uncertainty
         )
@@ -161,9 +165,9 @@ class Recommender:
                 item = index.item_of[row]
                 if item is not None and item not in exclude:
                     pool[item] = float(index.uncertainty[row])
-        if self.reader is not None:  # what the stream saw lately that the model has no row for yet
+        if self.reader is not None:  # new arrivals in the stream that the model has no row for yet
             known = index.row_of if index is not None else {}
-            for item, _ in self.reader.popular(self.settings.candidates, kind="decayed"):
+            for item in self.reader.newest(self.settings.candidates):
                 if item not in known and item not in exclude:
                     pool.setdefault(item, 1.0)
         return list(pool.items())
@@ -208,14 +212,16 @@ class Recommender:
         self, ranked: list[tuple[str, float]], source: dict[str, str], k: int, seen: set[str]
     ) -> list[ServedItem]:
         epsilon = self.settings.epsilon
-        catalogue = self._catalogue(seen)
+        catalogue = self._catalogue()
         exploit = iter(ranked)
         out: list[ServedItem] = []
         used: set[str] = set()
         for _ in range(k):
             if catalogue and self.rng.random() < epsilon:
+                # Uniform over the catalogue; a seen or repeated draw falls back to the ranking, so the
+                # propensity of a shown explore item stays epsilon / |catalogue|.
                 item = catalogue[int(self.rng.integers(len(catalogue)))]
-                if item not in used:
+                if item not in used and item not in seen:
                     used.add(item)
                     out.append(ServedItem(item, 0.0, "explore", True, epsilon / len(catalogue)))
                     continue
@@ -226,12 +232,14 @@ class Recommender:
                     break
         return out
 
-    def _catalogue(self, seen: set[str]) -> list[str]:
-        index = self._index
-        items = [] if index is None else [i for i in index.item_of if i is not None and i not in seen]
-        if not items and self.reader is not None:
-            items = [i for i, _ in self.reader.popular(10_000) if i not in seen]
-        return items
+    def _catalogue(self) -> list[str]:
+        """What epsilon draws from: the model's items (listed once per version) and the stream's
+        new arrivals."""
+        known = self._known
+        if self.reader is None:
+            return known
+        fresh = [i for i in self.reader.newest(self.settings.candidates) if i not in self._known_set]
+        return known + fresh if fresh else known
 
 
 def _fuse(lists: dict[str, list[tuple[str, float]]]) -> tuple[dict[str, float], dict[str, str]]:

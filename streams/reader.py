@@ -80,6 +80,12 @@ class StateReader:
         with (worker := self._keeper("sequences")).lock:
             return worker.state.cooccurrence.neighbours(item_id, k)
 
+    def newest(self, n: int) -> list[str]:
+        """The ``n`` items the stream saw first most recently (new arrivals), newest first."""
+        with (worker := self._keeper("counters")).lock:
+            items = worker.state.counters.items
+            return [items.id_of(row) for row in range(len(items) - 1, max(-1, len(items) - 1 - n), -1)]
+
     def related(self, recent: Sequence[str], n: int, *, exclude: set[str]) -> list[tuple[str, float]]:
         """Top-``n`` items by summed co-occurrence with ``recent`` items, ``exclude`` left out."""
         with (worker := self._keeper("sequences")).lock:
