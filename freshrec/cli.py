@@ -613,7 +613,11 @@ def sql(query: str, as_json: bool) -> None:
 @click.option("--until-idle", type=click.FloatRange(min=0), help="Stop once drained for S seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def run(dataset: str, no_replay: bool, until_idle: float | None, as_json: bool) -> None:
-    """Everything in one process on the embedded default (local broker, chDB)."""
+    """Everything in one process on the embedded default (local broker, chDB).
+
+    With --until-idle: replay, sink until drained, print what ClickHouse holds. Without: keep
+    running, and serve the HTTP API and fine-tune on schedule too, until Ctrl-C.
+    """
     from freshrec import embedded
 
     settings = _settings()

@@ -2,7 +2,10 @@
 
 This process owns the chDB path (chDB allows one process per path), starts the local broker when
 no cluster is configured, publishes a dataset unless ClickHouse already holds it, and runs the audit
-sink. Later roles (stream workers, trainer, API) join this process as they arrive.
+sink (events and the decision log). With ``until_idle_s`` it stops once the topics are drained and
+prints what ClickHouse holds (``make run``). Without it, it keeps running and also hosts the serving
+stack (the HTTP API with its stream worker and model replica) and the fine-tune schedule, until
+SIGINT/SIGTERM: the whole system in one process.
 """
 
 from __future__ import annotations
@@ -48,10 +51,34 @@ def run(
                 logger.info("ClickHouse already holds %d events of %s: not replaying", already, dataset)
             else:
                 replayed = replay.run(settings, dataset, progress=progress).published
-        stats = sink.run(settings, store, until_idle_s=until_idle_s)
+        if until_idle_s is not None:
+            stats = sink.run(settings, store, until_idle_s=until_idle_s)
+        else:
+            stats = _serve_everything(settings, store)
         return RunResult(replayed=replayed, sink=stats, summary=summary(store))
     finally:
         store.close()
+
+
+def _serve_everything(settings: Settings, store: Store) -> sink.SinkStats:
+    """The sink on this thread; the API, its worker and replica, and the fine-tune schedule beside it.
+
+    SIGINT/SIGTERM stop the sink (``sink.run`` installs the handlers), then everything else.
+    """
+    from learners.scheduler import FineTuneSchedule, build_tuner  # torch: only when serving
+    from publishers.server import ServingStack
+
+    stack = ServingStack(settings).start()
+    tuner = build_tuner(settings, store)
+    schedule = FineTuneSchedule(tuner, interval_s=settings.train.interval_s, retry_s=settings.train.retry_s)
+    schedule.start()
+    logger.info("serving on %s; fine-tuning every %g s", stack.url, settings.train.interval_s)
+    try:
+        return sink.run(settings, store, until_idle_s=None)
+    finally:
+        schedule.stop()
+        tuner.publisher.close()
+        stack.stop()
 
 
 def _rows_of_dataset(store: Store, dataset: str) -> int:

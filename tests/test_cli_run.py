@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
+import httpx
 import orjson
-from support import cli_env, freshrec_cli
+from support import cli_env, free_port_pair, freshrec_cli, wait_until
 
 from freshrec.settings import Settings
 
@@ -25,3 +29,41 @@ def test_run_replays_ml_100k_into_clickhouse_once(settings: Settings, tmp_path: 
         freshrec_cli("run", "--dataset", "ml-100k", "--until-idle", "2", "--json", env=env).stdout
     )
     assert second["replayed"] == 0 and second["events"] == 100_000 and second["dead_letters"] == 0
+
+
+def test_run_without_until_idle_hosts_the_api_and_the_fine_tune(settings: Settings, tmp_path: Path) -> None:
+    port, _ = free_port_pair()
+    env = cli_env(settings, dsn=f"chdb://{tmp_path / 'run-db'}") | {
+        "FRESHREC_API_PORT": str(port),
+        "FRESHREC_TRAIN__RETRY_S": "2",
+        "FRESHREC_TRAIN__DIM": "16",
+        "FRESHREC_TRAIN__BLOCKS": "1",
+        "FRESHREC_TRAIN__EPOCHS": "1",
+        "FRESHREC_TRAIN__WINDOW_EVENTS": "20000",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "freshrec", "run", "--dataset", "ml-100k", "--json"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+
+            def published() -> bool:
+                try:
+                    return bool(http.get("/healthz").json()["model_version"] >= 1)
+                except httpx.HTTPError:
+                    return False
+
+            wait_until(published, timeout_s=180, interval_s=0.5)
+            body = http.get("/v1/recommendations/1", params={"k": 5}).json()
+            assert body["model_version"] >= 1 and len(body["items"]) == 5
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err[-2000:]
+    assert orjson.loads(out)["events"] == 100_000
