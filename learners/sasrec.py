@@ -134,9 +134,14 @@ class SASRec(nn.Module):
         self.item_emb = table
 
     def hidden(self, seq: torch.Tensor) -> torch.Tensor:
-        """Hidden states of a batch of left-padded histories ``seq`` (B, T) → (B, T, D)."""
+        """Hidden states of a batch of left-padded histories ``seq`` (B, T) → (B, T, D).
+
+        ``T`` may be shorter than ``max_len``: the window is then the *last* T positions, so a short
+        history without its padding gives the same states as padded to ``max_len`` (padding is
+        masked out of attention), for a fraction of the work (serving uses this).
+        """
         T = seq.shape[1]
-        positions = torch.arange(T, device=seq.device)
+        positions = torch.arange(self.config.max_len - T, self.config.max_len, device=seq.device)
         x = self.item_emb(seq) * math.sqrt(self.config.dim) + self.pos_emb(positions)  # (B, T, D)
         x = self.dropout(x) * (seq > 0).unsqueeze(-1)  # padding contributes nothing
         causal = torch.ones(T, T, dtype=torch.bool, device=seq.device).tril()  # (T, T)

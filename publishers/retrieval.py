@@ -23,7 +23,6 @@ import numpy.typing as npt
 import torch
 
 from learners.sasrec import SASRec, SASRecConfig
-from learners.sequences import last_window
 from publishers.updates import ModelVersion
 
 __all__ = ["RowStats", "ServingIndex"]
@@ -121,7 +120,8 @@ class ServingIndex:
         rows = [row for item in history if (row := self.row_of.get(item)) is not None]
         if not rows:
             return None
-        seq = torch.from_numpy(last_window(rows, max_len=self.model.config.max_len)).view(1, -1)  # (1, T)
+        # Unpadded: the model places a short window at the last positions (see SASRec.hidden).
+        seq = torch.tensor(rows[-self.model.config.max_len :], dtype=torch.int64).view(1, -1)  # (1, T)
         with torch.no_grad():
             vector: FloatArray = self.model.user_vectors(seq)[0].numpy()  # (D,)
         return vector

@@ -136,3 +136,14 @@ def test_full_softmax_option_trains() -> None:
     trainer.fit(rows, epochs=10)
     assert trainer.fit(rows, epochs=1).loss < first
     assert len(trainer.touched_rows()) == trainer.model.rows - 1  # the full softmax moves every row
+
+
+def test_a_short_window_without_padding_gives_the_padded_state() -> None:
+    torch.manual_seed(1)
+    model = SASRec(SMALL, rows=20)
+    model.init_rows(torch.arange(1, 20))
+    model.eval()
+    with torch.no_grad():
+        padded = model.user_vectors(torch.tensor([[0, 0, 0, 0, 5, 6, 7, 8]]))
+        trimmed = model.user_vectors(torch.tensor([[5, 6, 7, 8]]))
+    assert torch.allclose(padded, trimmed, atol=1e-5)
