@@ -124,6 +124,7 @@ def test_recommendations_auth_validation_and_the_decision_log(
         metrics = client.get("/metrics").text
         assert "freshrec_model_version 1.0" in metrics and "freshrec_request_seconds_bucket" in metrics
         assert 'freshrec_state_size{part="history_users"} 40.0' in metrics
+        assert 'freshrec_request_seconds_count{route="/v1/recommendations/{user_id}"} 5.0' in metrics
         assert 'freshrec_state_size{part="counter_bytes"}' in metrics
 
     # Exactly the two good responses were logged, each item with its propensity, nothing for the 422s.
