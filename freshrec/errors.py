@@ -7,7 +7,8 @@
     ├── RetryableError              transient: the same call may succeed later
     │   ├── KafkaUnavailable        the broker cannot be reached or refused the request
     │   ├── StoreUnavailable        ClickHouse cannot be reached or is locked by another process
-    │   └── NothingToTrain          the freshest window holds no events yet
+    │   ├── NothingToTrain          the freshest window holds no events yet
+    │   └── VersionConflict         another publisher (a rollback) moved the model chain on
     ├── InvalidEvent                dead-letter: this one message breaks the event contract
     ├── DatasetError                fail fast: a dataset is missing, corrupt or cannot be fetched
     └── BrokerError                 fail fast: the local Kafka broker cannot be set up or started
@@ -28,6 +29,7 @@ __all__ = [
     "NothingToTrain",
     "RetryableError",
     "StoreUnavailable",
+    "VersionConflict",
 ]
 
 
@@ -53,6 +55,11 @@ class StoreUnavailable(RetryableError):
 
 class NothingToTrain(RetryableError):
     """A fine-tune found no events to learn from; it will have some once events are ingested."""
+
+
+class VersionConflict(RetryableError):
+    """The model chain moved on under a publisher (a rollback, or a second trainer): it has adopted
+    the newer head, and the next attempt builds on it."""
 
 
 class InvalidEvent(FreshrecError):

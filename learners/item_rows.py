@@ -62,6 +62,11 @@ class ItemRows:
     def __contains__(self, item_id: str) -> bool:
         return item_id in self._row
 
+    @property
+    def used(self) -> int:
+        """Rows handed out so far (1..used hold items; the rest of ``allocated`` is spare)."""
+        return len(self._ids) - 1
+
     def id_of(self, row: int) -> str | None:
         return self._ids[row] if row < len(self._ids) else None
 

@@ -135,7 +135,7 @@ class SequenceTrainer:
         started = time.monotonic()
         inputs, targets = windows(row_sequences, max_len=self.config.max_len)
         sparse_opt, dense_opt = optimisers or self._optimisers()
-        usable = max(1, int(self.items.allocated) - 1)
+        usable = max(1, self.items.used)  # negatives among rows that hold items, never spare rows
         self.model.train()
         total, steps, stopped = 0.0, 0, False
         batch = self.train_config.batch_size

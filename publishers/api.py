@@ -19,7 +19,7 @@ acknowledged by Kafka (acks=all) before the 202.
 import logging
 import secrets
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 import orjson
 from fastapi import FastAPI, Path, Query, Request, Response
@@ -38,7 +38,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from freshrec.errors import InvalidEvent
 from freshrec.events import event_from_obj
 from freshrec.settings import Settings
-from publishers.replica import Replica
+from publishers.replica import ReplicaSubscriber
 from publishers.serving import Recommender
 from streams.impressions import encode_impression
 from streams.producer import EventProducer
@@ -139,7 +139,7 @@ def create_app(
     *,
     recommender: Recommender,
     producer: EventProducer,
-    replica: Replica | None = None,
+    subscriber: ReplicaSubscriber | None = None,
 ) -> FastAPI:
     """The API over a recommender (serving state) and a producer (events and impressions)."""
     app = FastAPI(title="freshrec", version="1", summary="Streaming, online-learning recommendations.")
@@ -152,9 +152,18 @@ def create_app(
     app.add_middleware(AuthAndTiming, token=token, metrics=metrics)
 
     @app.get("/healthz")
-    def healthz() -> dict[str, Any]:
+    def healthz() -> Response:
+        """200 while the replica follows the model topics; 503 once its subscriber has died (the API
+        would otherwise keep serving an ever staler model and look healthy)."""
         index = recommender.index
-        return {"status": "ok", "model_version": 0 if index is None else index.version.version}
+        following = subscriber is None or subscriber.alive
+        body = {
+            "status": "ok" if following else "degraded",
+            "model_version": 0 if index is None else index.version.version,
+        }
+        if not following:
+            body["detail"] = f"the model replica stopped following: {subscriber.error if subscriber else ''}"
+        return JSONResponse(body, status_code=200 if following else 503)
 
     # ``async``: the work is a few milliseconds of CPU under the GIL; a thread-pool hop per request
     # (FastAPI's way for ``def`` routes) only adds latency.

@@ -1,11 +1,18 @@
 """Publishing model versions: sparse deltas often, dense parameters less often, snapshots on demand.
 
 Each publish makes the next version in the chain (parent = the version published before it), then,
-in this order: writes the whole version to the :class:`~publishers.snapshots.SnapshotStore` (so any
-replica that hears of it can heal to it), sends the update to Kafka cut into chunks under the
-topic's message limit (``model.sparse`` for sparse deltas, ``model.dense`` for dense updates and
-snapshots; one partition each, so a chain stays in order), waits for the broker to acknowledge every
-chunk, and records the update in ClickHouse ``model_updates``.
+in this order: sends the update to Kafka cut into chunks under the topic's message limit
+(``model.sparse`` for sparse deltas, ``model.dense`` for dense updates and snapshots; one partition
+each, so a chain stays in order) and waits for the broker to acknowledge every chunk; writes the
+whole version to the :class:`~publishers.snapshots.SnapshotStore` (what replicas heal to and
+rollback reads); records the update in ClickHouse ``model_updates``. A version whose delivery failed
+is therefore never in the store for a replica to heal to.
+
+**One head**: before building a version the publisher checks that the store's newest version is the
+one it last published; if another publisher moved the chain on (``freshrec model rollback`` beside a
+running trainer), it adopts that head and raises
+:class:`~freshrec.errors.VersionConflict`, and the fine-tune's retry warm-starts from it, instead of
+two versions with one number.
 
 **What a sparse delta holds**: the rows the trainer says it touched (its delta tracker), with their
 current values, and the new item id of rows assigned or evicted since the last publish; the dense
@@ -14,8 +21,8 @@ is the newest embeddings over the last published dense layers (Monolith's split 
 update frequencies).
 
 **Delivery**: a publish returns only once Kafka has every chunk (``acks=all``, idempotent producer);
-a failure raises and the version is not recorded as published, though its snapshot file may exist
-(harmless: the next publish reuses the version number and overwrites it).
+a failure raises and the version is neither stored nor recorded (the next publish reuses its
+number; a replica that saw part of it discards the incomplete chunks).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import numpy as np
 import numpy.typing as npt
 from confluent_kafka import KafkaError, Message, Producer
 
-from freshrec.errors import ConfigError, KafkaUnavailable
+from freshrec.errors import ConfigError, KafkaUnavailable, VersionConflict
 from freshrec.settings import Settings
 from freshrec.store import Store
 from learners.sasrec import SPARSE_TABLES
@@ -119,6 +126,7 @@ class Publisher:
         rollback_of: int | None = None,
     ) -> Published:
         """The whole model as the next version (first publish, bootstrap on demand, rollback)."""
+        self._check_head()
         parent = 0 if self.latest is None else self.latest.version
         model = ModelVersion.build(
             self.next_version, params, item_ids, config=config, rollback_of=rollback_of
@@ -134,6 +142,7 @@ class Publisher:
         run_id: str = "",
     ) -> Published:
         """Rows ``rows`` of the tables in ``params`` (and the ids of rows that changed hands)."""
+        self._check_head()
         base = self._require_latest()
         child_params = dict(base.params)
         rows = np.unique(np.asarray(rows, dtype=np.int64))
@@ -155,6 +164,7 @@ class Publisher:
 
     def publish_dense(self, params: Mapping[str, Array], *, run_id: str = "") -> Published:
         """Every parameter that is not an embedding table."""
+        self._check_head()
         base = self._require_latest()
         child_params = dict(base.params)
         for name, value in params.items():
@@ -181,9 +191,19 @@ class Publisher:
             raise ConfigError("nothing published yet: the first publish must be a snapshot")
         return self.latest
 
+    def _check_head(self) -> None:
+        """Raise :class:`VersionConflict` (after adopting it) if the chain's head moved under us."""
+        newest = self.snapshots.latest_version()
+        mine = 0 if self.latest is None else self.latest.version
+        if newest is not None and newest != mine:
+            self.latest = self.snapshots.load(newest)
+            raise VersionConflict(
+                f"the model chain is at v{newest}, not at v{mine} as this publisher last left it "
+                "(a rollback or another trainer published); adopted it, retry to build on it"
+            )
+
     def _send(self, update: ModelUpdate, model: ModelVersion) -> Published:
         started = time.monotonic()
-        self.snapshots.save(model)
         payload = encode(update)
         checksum = payload_checksum(payload)
         topics = self._settings.topics
@@ -228,6 +248,7 @@ class Publisher:
             checksum=checksum,
             seconds=time.monotonic() - started,
         )
+        self.snapshots.save(model)
         self.latest = model
         if self.store is not None:
             self._record(update, published)

@@ -126,12 +126,21 @@ class Replica:
         lag = int(time.time() * 1000) - version.created_at_ms
         self.stats.history.append(Applied(version.version, kind, rows, lag))
         for listener in self._listeners:
-            listener(version)
+            try:
+                listener(version)
+            except Exception:  # a listener's failure must not stop the replica following the chain
+                logger.exception("listener failed on v%d", version.version)
 
     def _heal(self) -> None:
         if self.snapshots is None:
             return
-        latest = self.snapshots.latest()
+        try:
+            latest = self.snapshots.latest()
+        except Exception:  # pruned under us, unreadable, corrupt: keep serving what we have
+            logger.exception("cannot heal from the snapshot store %s; keeping v%d", self.snapshots.directory,
+                             self.version)  # fmt: skip
+            self._gap_since = None
+            return
         if latest is not None and latest.version > self.version:
             self._set(latest, "heal", len(latest.item_ids))
             self.stats.healed += 1
@@ -208,10 +217,17 @@ class ReplicaSubscriber:
         self._thread = threading.Thread(target=self._run, name="freshrec-replica", daemon=True)
         self._thread.start()
         if not self._ready.wait(60):
+            self.stop()
             raise KafkaUnavailable("the replica could not subscribe to the model topics within 60 s")
         if self.error is not None:
+            self.stop()
             raise self.error
         return self
+
+    @property
+    def alive(self) -> bool:
+        """Whether the subscriber thread is still following the topics (``/healthz`` reports it)."""
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -283,10 +299,14 @@ class ReplicaSubscriber:
                     elif payload is not None:
                         try:
                             update = decode(payload)
-                        except ValueError as exc:
-                            self.replica.reject(version, str(exc))
+                        except (ValueError, KeyError, TypeError) as exc:
+                            self.replica.reject(version, f"undecodable: {exc!r}")
                             continue
-                        self.replica.receive(update)
+                        try:
+                            self.replica.receive(update)
+                        except Exception as exc:  # e.g. an unknown kind: reject it, keep following
+                            logger.exception("update v%d could not be applied", update.version)
+                            self.replica.reject(update.version, repr(exc))
                 self.replica.check_gap()
         finally:
             consumer.close()

@@ -47,7 +47,7 @@ class ServingStack:
             settings=settings.serve, replica=self.replica, reader=StateReader(self.worker)
         )
         self.app = create_app(
-            settings, recommender=self.recommender, producer=self.producer, replica=self.replica
+            settings, recommender=self.recommender, producer=self.producer, subscriber=self.subscriber
         )
         self.server = uvicorn.Server(
             uvicorn.Config(

@@ -15,11 +15,14 @@ For a user and ``k``:
      items the index left out because their embedding is young, items the stream has seen lately
      that the model has no row for yet, and the fused candidates just below the cut. Each is scored
      by UCB, ``mean CTR + c * (sd of the CTR posterior + 0.1 x embedding uncertainty)``, and slots
-     are filled by sampling without replacement from ``softmax(UCB / temperature)``; an explore
-     item's ``propensity`` is the probability it had at its draw. Exploit items are deterministic
+     are filled by independent draws from ``softmax(UCB / temperature)`` (a repeat leaves its slot to
+     the ranking); an explore item's ``propensity`` is its probability under that softmax, exactly
+     the chance of that item in that slot. Exploit items are deterministic
      given the state: propensity 1.
    - ``epsilon``: each slot, with probability epsilon, shows a uniformly drawn unseen item from the
-     catalogue instead (propensity ``epsilon / pool``); exploit slots carry ``1 - epsilon``.
+     catalogue instead (propensity ``epsilon / pool``); exploit slots carry ``1 - epsilon``, the
+     chance that the slot went to the ranking (which ranked item fills it depends on the earlier
+     slots' draws: exact per slot, conditional per item).
    - ``none``: the fused ranking only.
 
 Explore items take evenly spaced positions (not only the bottom, where position bias would starve
@@ -204,21 +207,28 @@ class Recommender:
                 mean, sd = np.full(len(names), 0.05), np.full(len(names), 0.05)
             ucb = mean + self.settings.ucb_c * (sd + 0.1 * embedding)
             logits = (ucb - ucb.max()) / self.settings.temperature
-            weights = np.exp(logits)
-            available = np.ones(len(names), dtype=bool)
-            for _ in range(min(slots, len(names))):
-                w = np.where(available, weights, 0.0)
-                p = w / w.sum()
-                choice = int(self.rng.choice(len(names), p=p))
-                available[choice] = False
-                picks.append(ServedItem(names[choice], float(ucb[choice]), "explore", True, float(p[choice])))
+            p = np.exp(logits)
+            p /= p.sum()
+            # Each explore slot is an independent draw from the same distribution, so the probability
+            # of an item in a slot is exactly its p (draws without replacement would make a later
+            # slot's probability depend on the earlier draws). A repeated draw leaves the slot to
+            # the ranking.
+            chosen: set[int] = set()
+            for choice in self.rng.choice(len(names), size=slots, p=p).tolist():
+                if choice not in chosen:
+                    chosen.add(choice)
+                    picks.append(
+                        ServedItem(names[choice], float(ucb[choice]), "explore", True, float(p[choice]))
+                    )
         scores = dict(ranked)
         exploit_items = [ServedItem(i, scores[i], source[i], False, 1.0) for i in exploit]
         # Fill from the ranking when the pool ran short, so that k items come back when they exist.
+        picked = {item.item_id for item in picks}
         for item, score in ranked[k - slots :]:
             if len(exploit_items) + len(picks) >= k:
                 break
-            exploit_items.append(ServedItem(item, score, source[item], False, 1.0))
+            if item not in picked:
+                exploit_items.append(ServedItem(item, score, source[item], False, 1.0))
         return _interleave(exploit_items, picks)
 
     def _epsilon(

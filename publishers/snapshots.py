@@ -3,7 +3,9 @@
 Why files beside the Kafka topics: a replica that finds a gap in the chain, or an update that fails
 its checksum, needs the *newest* whole version at once, and a rollback needs an *older* one exactly;
 re-reading topics from the beginning gives neither cheaply. The publisher writes each version here
-before announcing it on Kafka, so a replica that hears of version V can always heal to V or later.
+once Kafka has acknowledged it (so no version that failed to go out is ever healed to); a replica
+that finds a gap heals to the newest version here, and waits for the next gap check if that is not
+newer than what it has.
 Files are written atomically (temporary file, fsync, rename) in the same ``.npz`` format as the
 updates (:func:`publishers.updates.encode` of a snapshot), and the oldest are pruned past ``keep``.
 

@@ -4,9 +4,11 @@ of each item's click-through rate, with its mean and variance.
 An ``impression`` event with a ``request_id`` records that the item was shown in that response; a
 ``click`` with the same ``request_id`` and item is an **attributed** click. CTR counts attributed
 clicks over impressions, so a click on something never shown (or shown too long ago to remember)
-cannot push a rate above one; such clicks are counted apart as ``unattributed``. Impressions and
-clicks carry the user as their key, so they share a partition and arrive in order, the same on every
-replay. The join remembers the most recent ``join_horizon`` requests.
+cannot push a rate above one; clicks without a ``request_id`` are counted apart as ``unattributed``.
+The join does not depend on arrival order: served impressions come from the ``impressions`` topic and
+clicks from ``events``, which Kafka does not order against each other, so a click that arrives before
+its impression waits (as *pending*) and is credited when the impression comes. The join remembers the
+most recent ``join_horizon`` requests on each side.
 
 The posterior is ``Beta(alpha + clicks, beta + impressions - clicks)``: mean
 ``(alpha + c) / (alpha + beta + n)`` and variance ``mean (1 - mean) / (alpha + beta + n + 1)``, which
@@ -15,10 +17,12 @@ exploration will spend: few impressions, wide posterior.
 >>> ctr = ClickThrough(alpha=1.0, beta=9.0)
 >>> ctr.observe("impression", "i1", "r1")
 >>> ctr.observe("click", "i1", "r1")
->>> ctr.observe("click", "i1", "r-unknown")
+>>> ctr.observe("click", "i1", None)
+>>> ctr.observe("click", "i2", "r2")  # before its impression: pending
+>>> ctr.observe("impression", "i2", "r2")
 >>> p = ctr.posterior("i1")
->>> (p.impressions, p.clicks, round(p.mean, 4), ctr.unattributed)
-(1, 1, 0.1818, 1)
+>>> (p.impressions, p.clicks, round(p.mean, 4), ctr.unattributed, ctr.posterior("i2").clicks)
+(1, 1, 0.1818, 1, 1)
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class ClickThrough:
         self._impressions: dict[str, int] = {}
         self._clicks: dict[str, int] = {}
         self._shown: OrderedDict[str, set[str]] = OrderedDict()  # request_id -> items not yet clicked
+        self._pending: OrderedDict[str, set[str]] = OrderedDict()  # request_id -> clicks before impression
         self.unattributed = 0
 
     def observe(self, event_type: str, item_id: str, request_id: str | None) -> None:
@@ -58,6 +63,11 @@ class ClickThrough:
         if event_type == "impression":
             self._impressions[item_id] = self._impressions.get(item_id, 0) + 1
             if request_id is not None:
+                early = self._pending.get(request_id)
+                if early is not None and item_id in early:  # its click came first
+                    early.discard(item_id)
+                    self._clicks[item_id] = self._clicks.get(item_id, 0) + 1
+                    return
                 shown = self._shown.get(request_id)
                 if shown is None:
                     shown = self._shown[request_id] = set()
@@ -69,8 +79,20 @@ class ClickThrough:
             if shown is not None and item_id in shown:
                 shown.discard(item_id)  # one click per impression
                 self._clicks[item_id] = self._clicks.get(item_id, 0) + 1
-            else:
+            elif request_id is None:
                 self.unattributed += 1
+            else:
+                early = self._pending.get(request_id)
+                if early is None:
+                    early = self._pending[request_id] = set()
+                    if len(self._pending) > self.join_horizon:
+                        self._pending.popitem(last=False)
+                early.add(item_id)
+
+    @property
+    def pending(self) -> int:
+        """Clicks waiting for their impression (or whose impression was never seen)."""
+        return sum(len(items) for items in self._pending.values())
 
     def posterior(self, item_id: str) -> CtrPosterior:
         n = self._impressions.get(item_id, 0)
@@ -87,6 +109,7 @@ class ClickThrough:
             "impressions": dict(self._impressions),
             "clicks": dict(self._clicks),
             "shown": [(request, sorted(items)) for request, items in self._shown.items()],
+            "pending": [(request, sorted(items)) for request, items in self._pending.items()],
             "unattributed": self.unattributed,
         }
 
@@ -96,4 +119,5 @@ class ClickThrough:
         self._impressions = dict(state["impressions"])
         self._clicks = dict(state["clicks"])
         self._shown = OrderedDict((request, set(items)) for request, items in state["shown"])
+        self._pending = OrderedDict((request, set(items)) for request, items in state.get("pending", []))
         self.unattributed = int(state["unattributed"])

@@ -378,17 +378,17 @@ class StreamWorker:
         for tp in partitions:
             tp.offset = self.state.offsets.get((tp.topic, tp.partition), OFFSET_BEGINNING)
         consumer.assign(partitions)
-        self.assigned = frozenset(tp.partition for tp in partitions)
+        self.assigned = frozenset(tp.partition for tp in partitions if tp.topic == self._topic)
         logger.info("assigned %s", [(tp.partition, tp.offset) for tp in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        revoked = {tp.partition for tp in partitions}
-        counted = revoked & {p for (_, p) in self.state.offsets}
+        revoked = {(tp.topic, tp.partition) for tp in partitions}
+        counted = revoked & set(self.state.offsets)
         if counted and not self._closing:
             # Per-worker state cannot hand these partitions' counts to their next owner; see the
             # module docstring: workers are meant to keep their partitions (static membership).
             logger.warning("partitions %s, already counted here, move to another worker", sorted(counted))
-        self.assigned = self.assigned - revoked
+        self.assigned = self.assigned - {p for (t, p) in revoked if t == self._topic}
 
     def _apply(self, messages: list[Message]) -> None:
         now_ms = int(time.time() * 1000)
@@ -435,11 +435,11 @@ class StreamWorker:
             if "counters" in roles:
                 self.state.counters.update(items, types, stamps)
                 observe_click = self.state.clicks.observe
+                for value in served:  # impressions first: a batch's clicks then find theirs
+                    _observe_served(observe_click, value)
                 for event in learned:
                     if event.type == "impression" or event.type == "click":
                         observe_click(event.type, event.item_id, event.request_id)
-                for value in served:
-                    _observe_served(observe_click, value)
             if "sequences" in roles:
                 histories = self.state.histories
                 self.state.cooccurrence.observe_batch(users, items, histories.recent_items)

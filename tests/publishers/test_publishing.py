@@ -10,7 +10,7 @@ import pytest
 from confluent_kafka import Producer
 from support import wait_until
 
-from freshrec.errors import NothingToTrain
+from freshrec.errors import NothingToTrain, VersionConflict
 from freshrec.settings import Settings, TrainSettings
 from freshrec.store import Store
 from learners.finetune import FineTuner
@@ -233,3 +233,26 @@ def test_schedule_never_overlaps_and_retries_a_failure(
         f"SELECT status, count() FROM {store.table('training_runs')} FINAL GROUP BY status ORDER BY status"
     )
     assert statuses == [("failed", 2), ("ok", 1)]
+
+
+def test_a_rollback_beside_a_running_trainer_is_adopted_not_overwritten(
+    train_settings: Settings, store: Store, publisher: Publisher, replica: Replica
+) -> None:
+    window = Window()
+    tuner = FineTuner(train_settings, publisher=publisher, source=window, store=store)
+    for _ in range(2):
+        window.advance()
+        tuner.cycle()
+    # v1 snapshot, v2 sparse, v3 dense; another process (freshrec model rollback) publishes v4 = v1.
+    other = Publisher(train_settings, snapshots=SnapshotStore.for_settings(train_settings), store=store)
+    assert other.rollback(1).version == 4
+    other.close()
+    window.advance()
+    with pytest.raises(VersionConflict):
+        tuner.cycle()  # the trainer's publisher finds the head moved, adopts it, and the cycle fails
+    result = tuner.cycle()  # the retry warm-starts from the rollback
+    assert result.warm_started_from == 4
+    assert [(p.version, p.parent) for p in result.published] == [(5, 4), (6, 5)]  # sparse, dense
+    wait_until(_caught_up(replica, publisher), timeout_s=20)
+    assert replica.current is not None and _same(replica.current, publisher.snapshots.load(6))
+    assert [u["version"] for u in list_updates(store)] == [1, 2, 3, 4, 5, 6]

@@ -19,7 +19,7 @@ def test_only_clicks_on_shown_items_count_and_only_once() -> None:
     ctr.observe("click", "b", None)  # no request id
     ctr.observe("view", "a", "r1")  # not part of CTR
     a = ctr.posterior("a")
-    assert (a.impressions, a.clicks, ctr.unattributed) == (1, 1, 3)
+    assert (a.impressions, a.clicks, ctr.unattributed, ctr.pending) == (1, 1, 1, 2)
     assert a.mean == pytest.approx(2 / 3) and a.variance == pytest.approx((2 / 3) * (1 / 3) / 4)
     unseen = ctr.posterior("never")
     assert (unseen.impressions, unseen.mean) == (0, 0.5) and unseen.variance == pytest.approx(1 / 12)
@@ -43,11 +43,28 @@ def test_the_join_is_bounded_and_state_round_trips() -> None:
     ctr = ClickThrough(join_horizon=10)
     for n in range(100):
         ctr.observe("impression", "i", f"r{n}")
-    ctr.observe("click", "i", "r0")  # forgotten: beyond the horizon
+    ctr.observe("click", "i", "r0")  # forgotten: beyond the horizon, so it waits as pending
     ctr.observe("click", "i", "r99")
-    assert (ctr.posterior("i").clicks, ctr.unattributed) == (1, 1)
+    assert (ctr.posterior("i").clicks, ctr.pending) == (1, 1)
     copy = ClickThrough()
     copy.load_state_dict(ctr.state_dict())
     copy.observe("click", "i", "r98")
     ctr.observe("click", "i", "r98")
     assert copy.posterior("i") == ctr.posterior("i") and copy.unattributed == ctr.unattributed
+
+
+def test_the_join_does_not_depend_on_arrival_order() -> None:
+    rng = random.Random(4)
+    events = []
+    for n in range(500):
+        items = [f"i{n}" for n in rng.sample(range(20), 5)]  # one impression of an item per response
+        events += [("impression", item, f"r{n}") for item in items]
+        events += [("click", item, f"r{n}") for item in items if rng.random() < 0.2]
+    ordered, shuffled = ClickThrough(), ClickThrough()
+    for event in events:
+        ordered.observe(*event)
+    rng.shuffle(events)
+    for event in events:
+        shuffled.observe(*event)
+    assert all(ordered.posterior(f"i{n}") == shuffled.posterior(f"i{n}") for n in range(20))
+    assert sum(ordered.posterior(f"i{n}").clicks for n in range(20)) > 0
