@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from freshrec.settings import ServeSettings
 from publishers.replica import Replica
@@ -120,6 +121,10 @@ class Recommender:
         n = max(self.settings.candidates, k)
         lists: dict[str, list[tuple[str, float]]] = {}
         if index is not None and history:
+            if torch.get_num_threads() != self.settings.torch_threads:
+                # OpenMP's thread count is per calling thread: the API's event-loop thread starts at
+                # the default (all cores), which made each user state 8x slower.
+                torch.set_num_threads(self.settings.torch_threads)
             vector = index.user_vector(history)
             if vector is not None:
                 lists["transformer"] = index.top(vector, n, exclude=seen)
