@@ -26,7 +26,8 @@ def _compose() -> dict[str, Any]:
 def test_services_are_well_formed_and_reference_declared_things() -> None:
     compose = _compose()
     services = compose["services"]
-    assert {"kafka", "clickhouse", "grafana", "sink", "stream"} <= set(services)
+    assert {"kafka", "clickhouse", "grafana", "sink", "train", "serve"} <= set(services)
+    assert {f"stream-{role}" for role in ("counters", "sequences", "heads")} <= set(services)
     for name, service in services.items():
         assert "image" in service or "build" in service, name
         for dependency in service.get("depends_on", {}):
@@ -46,6 +47,11 @@ def test_every_freshrec_service_runs_a_real_cli_command() -> None:
         command = service["command"]
         assert command[0] == "freshrec", name
         assert command[1] in main.commands, f"{name} runs `freshrec {command[1]}`, which the CLI lacks"
+        # ... and the CLI accepts its arguments (a typo in a role would crash-loop the service).
+        context = main.commands[command[1]].make_context(
+            command[1], list(command[2:]), resilient_parsing=False
+        )
+        assert context.params is not None
 
 
 def test_every_freshrec_variable_is_a_setting() -> None:
