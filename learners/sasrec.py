@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SPARSE_TABLES", "SASRec", "SASRecConfig"]
+__all__ = ["SPARSE_TABLES", "Block", "SASRec", "SASRecConfig"]
 
 # Parameters published as sparse deltas (rows); every other parameter is dense.
 SPARSE_TABLES: tuple[str, ...] = ("item_emb.weight",)

@@ -29,6 +29,7 @@ from freshrec.store import Store
 __all__ = [
     "LEARNED_TYPES",
     "Split",
+    "last_window",
     "leave_last_out",
     "sequences_from_events",
     "sequences_from_records",

@@ -1,5 +1,2 @@
-"""Model delta publishing, serving replicas and the HTTP API.
-
-Empty until the transformer/deltas issue and the serving issue land; the package exists now so that
-the layout of the design card holds from the first commit.
-"""
+"""Model versions and their delta publishing, serving replicas, retrieval with exploration, the
+HTTP API, off-policy evaluation and the closed-loop simulator."""

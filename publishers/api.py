@@ -43,7 +43,7 @@ from publishers.serving import Recommender
 from streams.impressions import encode_impression
 from streams.producer import EventProducer
 
-__all__ = ["create_app"]
+__all__ = ["Accepted", "AuthAndTiming", "Item", "Metrics", "RecommendationOut", "create_app"]
 
 logger = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ from publishers.server import ServingStack
 from publishers.snapshots import SnapshotStore
 from streams.admin import ensure_topics
 
-__all__ = ["PolicyRun", "SimConfig", "World", "run"]
+__all__ = ["PolicyRun", "SimConfig", "World", "run", "run_policy"]
 
 logger = logging.getLogger(__name__)
 

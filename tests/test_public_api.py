@@ -9,11 +9,13 @@ import pkgutil
 import pytest
 
 import freshrec
+import learners
+import publishers
 import streams
 
 MODULES = sorted(
     name
-    for package in (freshrec, streams)
+    for package in (freshrec, streams, learners, publishers)
     for _, name, _ in pkgutil.iter_modules(package.__path__, prefix=f"{package.__name__}.")
     if not name.endswith("__main__")
 )
