@@ -73,6 +73,19 @@ def _same(a: ModelVersion, b: ModelVersion) -> bool:
     )
 
 
+def _tuned(
+    settings: Settings, store: Store, publisher: Publisher, replica: Replica, *, cycles: int
+) -> tuple[Window, FineTuner]:
+    """A fine-tuner that has run ``cycles`` cycles on fresh windows, the replica caught up with it."""
+    window = Window()
+    tuner = FineTuner(settings, publisher=publisher, source=window, store=store)
+    for _ in range(cycles):
+        window.advance()
+        tuner.cycle()
+    wait_until(_caught_up(replica, publisher), timeout_s=20)
+    return window, tuner
+
+
 def _caught_up(replica: Replica, publisher: Publisher) -> Callable[[], bool]:
     return lambda: publisher.latest is not None and replica.version == publisher.latest.version
 
@@ -115,11 +128,7 @@ def test_replica_equals_the_trainer_after_every_cycle(
 def test_lost_and_corrupted_updates_heal_from_the_snapshot_store(
     train_settings: Settings, store: Store, publisher: Publisher, replica: Replica
 ) -> None:
-    window = Window()
-    tuner = FineTuner(train_settings, publisher=publisher, source=window, store=store)
-    window.advance()
-    tuner.cycle()
-    wait_until(_caught_up(replica, publisher), timeout_s=20)
+    window, tuner = _tuned(train_settings, store, publisher, replica, cycles=1)
     base = publisher.latest
     assert base is not None
 
@@ -160,11 +169,7 @@ def test_lost_and_corrupted_updates_heal_from_the_snapshot_store(
 def test_readers_never_see_a_mixed_version(
     train_settings: Settings, store: Store, publisher: Publisher, replica: Replica
 ) -> None:
-    window = Window()
-    tuner = FineTuner(train_settings, publisher=publisher, source=window, store=store)
-    window.advance()
-    tuner.cycle()
-    wait_until(_caught_up(replica, publisher), timeout_s=20)
+    window, tuner = _tuned(train_settings, store, publisher, replica, cycles=1)
     stop = threading.Event()
     seen: list[int] = []
     mixed: list[int] = []
@@ -194,12 +199,7 @@ def test_readers_never_see_a_mixed_version(
 def test_rollback_restores_the_earlier_parameters_exactly(
     train_settings: Settings, store: Store, publisher: Publisher, replica: Replica
 ) -> None:
-    window = Window()
-    tuner = FineTuner(train_settings, publisher=publisher, source=window, store=store)
-    for _ in range(3):
-        window.advance()
-        tuner.cycle()
-    wait_until(_caught_up(replica, publisher), timeout_s=20)
+    window, tuner = _tuned(train_settings, store, publisher, replica, cycles=3)
     earlier = publisher.snapshots.load(2)
     assert publisher.latest is not None and not _same(publisher.latest, earlier)
     head = publisher.latest.version
