@@ -98,7 +98,9 @@ class EventProducer:
             raise KafkaUnavailable(f"{self.failed} records failed delivery; last error: {self.last_error}")
 
     def close(self) -> None:
+        """Deliver everything queued, then release the Kafka client (no produce after this)."""
         self.flush()
+        del self._producer  # the librdkafka client goes now, not whenever its owner is collected
 
     def __enter__(self) -> EventProducer:
         return self
