@@ -98,10 +98,11 @@ def test_kill_9_and_restart_end_exactly_like_an_uninterrupted_run(
     rng = random.Random(11)
     base_ts = 1_700_000_000_000
     total = 30_000
+    held = 2_000  # produced just before the last kill, so that it always leaves events to replay
 
-    def produce() -> None:
+    def produce(start: int, stop: int) -> None:
         with EventProducer(settings) as producer:
-            for i in range(total):
+            for i in range(start, stop):
                 # Out of order by up to two hours, some duplicates re-sent, some bad messages.
                 event = {
                     "event_id": f"k{i}",
@@ -120,11 +121,11 @@ def test_kill_9_and_restart_end_exactly_like_an_uninterrupted_run(
                     producer.flush()
                     time.sleep(0.15)  # events keep arriving for ~5 s, across the kills
 
-    producer = threading.Thread(target=produce)
+    producer = threading.Thread(target=produce, args=(0, total - held))
     producer.start()
     checkpoint = settings.home / "stream" / settings.stream.group_id / "killed.ckpt"
     try:
-        for _ in range(3):
+        for attempt in range(3):
             process = subprocess.Popen(
                 [sys.executable, "-m", "freshrec", "stream"],
                 env=env,
@@ -141,7 +142,14 @@ def test_kill_9_and_restart_end_exactly_like_an_uninterrupted_run(
                     timeout_s=120,
                 )
                 assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
-                time.sleep(random.uniform(0.1, 0.6))  # die anywhere between two checkpoints
+                if attempt < 2:
+                    time.sleep(random.uniform(0.1, 0.6))  # die anywhere between two checkpoints
+                else:
+                    # The last worker dies right after a burst, well inside one checkpoint interval
+                    # (0.3 s): the final run must then replay what it had consumed or not yet read.
+                    producer.join(timeout=120)
+                    produce(total - held, total)
+                    time.sleep(random.uniform(0.0, 0.05))
             finally:
                 if process.poll() is None:
                     os.kill(process.pid, signal.SIGKILL)
