@@ -54,7 +54,7 @@ from publishers.updates import (
 )
 from streams.admin import ensure_topics
 
-__all__ = ["CHUNK_HEADER", "Published", "Publisher", "list_updates"]
+__all__ = ["CHUNK_HEADER", "MODEL_UPDATE_COLUMNS", "Published", "Publisher", "list_updates"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,10 @@ Array = npt.NDArray[Any]
 # Kafka headers of every chunk: which version, which chunk, and the checksum of the whole payload.
 CHUNK_HEADER = "freshrec-update"
 MODEL_KEY = b"freshrec-model"
+MODEL_UPDATE_COLUMNS = (
+    "version", "parent", "kind", "topic", "bytes", "rows", "chunks", "checksum", "state_checksum",
+    "rollback_of", "run_id", "created_at",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,20 +285,7 @@ class Publisher:
                 [update.run_id],
                 [datetime.fromtimestamp(update.created_at_ms / 1000, UTC)],
             ],
-            column_names=[
-                "version",
-                "parent",
-                "kind",
-                "topic",
-                "bytes",
-                "rows",
-                "chunks",
-                "checksum",
-                "state_checksum",
-                "rollback_of",
-                "run_id",
-                "created_at",
-            ],
+            column_names=MODEL_UPDATE_COLUMNS,
         )
 
 

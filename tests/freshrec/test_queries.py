@@ -14,6 +14,7 @@ from freshrec.errors import ConfigError
 from freshrec.settings import Settings
 from freshrec.store import Store
 from learners.offline import record_run
+from publishers.publisher import MODEL_UPDATE_COLUMNS
 from streams import replay, sink
 from streams.impressions import encode_impression
 from streams.producer import EventProducer
@@ -108,20 +109,7 @@ def test_model_and_training_queries_read_what_was_recorded(store: Store) -> None
             ["r1", "r1"],
             [now, now],
         ],
-        column_names=[
-            "version",
-            "parent",
-            "kind",
-            "topic",
-            "bytes",
-            "rows",
-            "chunks",
-            "checksum",
-            "state_checksum",
-            "rollback_of",
-            "run_id",
-            "created_at",
-        ],
+        column_names=MODEL_UPDATE_COLUMNS,
     )
     record_run(
         store,
