@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import gzip
-from collections import Counter
-from datetime import UTC, datetime
+import math
+from collections import Counter, defaultdict
+from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
@@ -22,12 +23,34 @@ from streams.producer import EventProducer
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def _first_events(settings: Settings, n: int) -> list[tuple[int, str]]:
-    """(unix seconds, item) of the first ``n`` ml-100k ratings in time order (ties in file order)."""
+def _first_events(settings: Settings, n: int) -> list[tuple[int, str, str]]:
+    """(unix seconds, user, item) of the first ``n`` ml-100k ratings in time order (ties in file order)."""
     assert settings.datasets_dir is not None
     with gzip.open(settings.datasets_dir / "ml-100k" / "u.data.gz", "rt") as lines:
-        rows = [(int(line.split("\t")[3]), line.split("\t")[1]) for line in lines]
+        rows = [(int(f[3]), f[0], f[1]) for f in (line.split("\t") for line in lines)]
     return sorted(rows, key=lambda r: r[0])[:n]
+
+
+def _apen(rows: list[tuple[int, str, str]], bucket_s: int, m: int) -> dict[datetime, float]:
+    """ApEn(m, r=0) per bucket, from the definition: patterns pooled over the users' sequences."""
+    sequences: dict[tuple[int, str], list[tuple[int, str, str]]] = defaultdict(list)
+    for ts, user, item in rows:
+        sequences[(ts // bucket_s * bucket_s, user)].append((ts, f"ml-100k:{user}:{item}", item))
+    grams: dict[int, dict[int, Counter[tuple[str, ...]]]] = defaultdict(lambda: defaultdict(Counter))
+    for (bucket, _), events in sequences.items():
+        items = [item for _, _, item in sorted(events)]
+        for k in (m, m + 1):
+            grams[bucket][k].update(tuple(items[i : i + k]) for i in range(len(items) - k + 1))
+
+    def phi(counts: Counter[tuple[str, ...]]) -> float:
+        n = sum(counts.values())
+        return sum(c / n * math.log(c / n) for c in counts.values())
+
+    return {
+        datetime.fromtimestamp(bucket, UTC): phi(by_k[m]) - phi(by_k[m + 1])
+        for bucket, by_k in grams.items()
+        if by_k[m + 1]
+    }
 
 
 def test_queries_agree_with_the_dataset_and_the_log(settings: Settings, store: Store) -> None:
@@ -61,34 +84,65 @@ def test_queries_agree_with_the_dataset_and_the_log(settings: Settings, store: S
         }
         producer.produce(settings.topics.events, orjson.dumps(click), key=b"u")
     sink.run(settings, store, until_idle_s=1.5)
+    dataset = _first_events(settings, 5_000)
 
     everything = {"since": EPOCH, "until": datetime(2100, 1, 1, tzinfo=UTC)}
-    columns, rows = queries.run(store, "events_per_minute", **everything)
-    assert columns == ["minute", "type", "events"]
-    expected = Counter(datetime.fromtimestamp(ts // 60 * 60, UTC) for ts, _ in _first_events(settings, 5_000))
+    columns, rows = queries.run(store, "events_by_type", bucket_s=60, **everything)
+    assert columns == ["time", "type", "per_minute"]
+    expected = Counter(datetime.fromtimestamp(ts // 60 * 60, UTC) for ts, _, _ in dataset)
     got = {minute.replace(tzinfo=UTC): n for minute, kind, n in rows if kind == "rating"}
     assert got == dict(expected)
     assert sum(n for _, kind, n in rows if kind == "click") == 1
+    # Another bucket: a rate per minute, whatever the bucket.
+    _, hourly = queries.run(store, "events_by_type", bucket_s=3600, **everything)
+    per_hour = Counter(datetime.fromtimestamp(ts // 3600 * 3600, UTC) for ts, _, _ in dataset)
+    assert {h.replace(tzinfo=UTC): r * 60 for h, k, r in hourly if k == "rating"} == pytest.approx(per_hour)
 
-    _, reasons = queries.run(store, "dead_letter_reasons", top=10)
+    _, reasons = queries.run(store, "dead_letter_reasons", top=10, **everything)
     # Ordered by count, then reason: one each of the three bad messages.
-    assert [(r, n) for r, n, _ in reasons] == [("missing_field", 1), ("not_json", 1), ("not_object", 1)]
-    assert all(per == pytest.approx(1 / 5_001, abs=1e-6) for _, _, per in reasons)
+    assert [(r, n) for r, n, _, _ in reasons] == [("missing_field", 1), ("not_json", 1), ("not_object", 1)]
+    assert all(per == pytest.approx(1 / 5_001, abs=1e-6) for _, _, per, _ in reasons)
+    _, rate = queries.run(store, "dead_letter_rate", bucket_s=86_400 * 365, **everything)
+    assert sum(dead for _, dead, _, _ in rate) == 3 and sum(ok for _, _, ok, _ in rate) == 5_001
 
-    _, fresh = queries.run(store, "freshness", since=EPOCH)
+    _, fresh = queries.run(store, "freshness", bucket_s=60, **everything)
     assert sum(n for _, n, _, _, _ in fresh) == 5_001
     assert all(p99 >= p50 > 0 for _, _, p50, p99, _ in fresh)  # ml-100k is from 1997-98: years of lag
 
-    _, served = queries.run(store, "served_ctr", since=EPOCH)
+    _, served = queries.run(store, "served_ctr", **everything)
     assert served == [("explore", True, 1, 1, 1.0), ("popular", False, 2, 0, 0.0)]
-    _, coverage = queries.run(store, "coverage", since=EPOCH)
-    catalogue = len({item for _, item in _first_events(settings, 5_000)} | {"100"})
-    assert coverage == [(3, catalogue, round(3 / catalogue, 6))]
+    _, over_time = queries.run(store, "ctr_over_time", bucket_s=86_400 * 365, **everything)
+    assert [(slot, ctr) for _, slot, ctr in over_time] == [("exploit", 0.0), ("explore", 1.0)]
+
+    _, coverage = queries.run(store, "coverage", head_share=0.2, **everything)
+    counts = Counter(item for _, _, item in dataset)
+    counts["100"] += 1  # the click
+    catalogue = len(counts)
+    ranked = sorted(counts, key=lambda i: (-counts[i], i))
+    head = set(ranked[: math.ceil(catalogue * 0.2)])
+    tail = sum(1 for item, _, _ in shown if item not in head)
+    assert coverage == [(3, catalogue, round(3 / catalogue, 6), 3, round(tail / 3, 6))]
+
+    # Data quality: ApEn of the users' sequences, day by day, against the definition in Python.
+    _, apen = queries.run(store, "sequence_entropy", bucket_s=86_400, m=1, **everything)
+    ratings_only = _apen(dataset, 86_400, 1)
+    got_apen = {t.replace(tzinfo=UTC): a for t, a, _ in apen}
+    # The click's day holds one more sequence (user "u", one event: no transition, no effect).
+    assert got_apen == pytest.approx(ratings_only, abs=1e-9)
+    assert len(got_apen) > 5
 
     with pytest.raises(ConfigError, match="missing"):
-        queries.run(store, "coverage")
+        queries.run(store, "coverage", since=EPOCH)
     with pytest.raises(ConfigError, match="unknown query"):
         queries.run(store, "nope")
+
+    # A panel with nothing given: the range is the data's own, the bucket gives <= 240 points.
+    panel = queries.panel(store, "events_by_type")
+    assert panel.parameters["since"] == datetime.fromtimestamp(dataset[0][0], UTC)
+    assert sum(1 for _ in {t for t, _, _ in panel.rows}) <= 240
+    assert sum(r for _, k, r in panel.rows if k == "rating") * panel.parameters["bucket_s"] / 60 == (
+        pytest.approx(5_000)
+    )
 
 
 def test_model_and_training_queries_read_what_was_recorded(store: Store) -> None:
@@ -110,6 +164,21 @@ def test_model_and_training_queries_read_what_was_recorded(store: Store) -> None
             [now, now],
         ],
         column_names=MODEL_UPDATE_COLUMNS,
+    )
+    served = now + timedelta(milliseconds=1_500)
+    impressions = ["request_id", "user_id", "position", "item_id", "score", "source", "explore"]
+    impressions += ["propensity", "policy", "model_version", "latency_ms", "served_at"]
+    impressions += ["topic", "partition", "offset"]
+    store.insert(
+        "impressions",
+        [[r] for r in ("q", "u", 0, "i", 1.0, "popular", False, 1.0, "none", 2, 1.0, served, "t", 0, 0)],
+        column_names=impressions,
+    )
+    store.insert(  # a later response with the same version: the first one counts
+        "impressions",
+        [[r] for r in ("q2", "u", 0, "i", 1.0, "popular", False, 1.0, "none", 2, 1.0, served + timedelta(1))]
+        + [["t"], [0], [1]],
+        column_names=impressions,
     )
     record_run(
         store,
@@ -153,15 +222,15 @@ def test_model_and_training_queries_read_what_was_recorded(store: Store) -> None
             "finished_at",
         ],
     )
-    since = {"since": EPOCH}
+    since = {"since": EPOCH, "until": datetime(2100, 1, 1, tzinfo=UTC)}
     _, versions = queries.run(store, "model_timeline", **since)
-    assert [(v, p, k, b, r) for v, p, k, b, r, _ in versions] == [
-        (1, 0, "snapshot", 1000, 10),
-        (2, 1, "sparse", 40, 1),
+    assert [(v, p, k, b, r, lag) for _, v, p, k, b, r, lag in versions] == [
+        (1, 0, "snapshot", 1000, 10, None),  # never served
+        (2, 1, "sparse", 40, 1, 1500),  # first served 1.5 s after it was published
     ]
     _, runs = queries.run(store, "training_runs", **since)
     assert [
         (kind, status, events, loss, version) for _, kind, _, status, events, loss, _, _, version in runs
     ] == [("finetune", "ok", 10, 1.5, 2)]
     _, evals = queries.run(store, "prequential", **since)
-    assert [(d, m, hr) for _, d, m, hr, _ in evals] == [("ml-100k", "popularity", 0.1)]
+    assert [(d, m, hr) for _, d, m, _, hr, _ in evals] == [("ml-100k", "popularity", 0.1)]
