@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv run test check lint typecheck bench broker-start broker-stop clean
+.PHONY: venv browser run test check lint typecheck bench broker-start broker-stop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,12 +18,20 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+## Debian's chromium, for the dashboard's headless-browser test (apt; sudo when not root).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the dashboard's browser test"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium \
+	  || { $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }; }
+
 ## Start the local broker, replay ml-100k, sink it into the embedded ClickHouse, print a summary.
 run: venv
 	$(BIN)/freshrec run --dataset ml-100k --until-idle 5
 
-## Unit and integration tests against the real broker and the embedded ClickHouse (chDB).
-test: venv
+## Unit and integration tests against the real broker, the embedded ClickHouse (chDB) and chromium.
+test: venv browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: venv

@@ -68,7 +68,10 @@ def _serve_everything(settings: Settings, store: Store) -> sink.SinkStats:
     from learners.scheduler import FineTuneSchedule, build_tuner  # torch: only when serving
     from publishers.server import ServingStack
 
-    stack = ServingStack(settings).start()
+    # The dashboard's own client of the same chDB path (this process owns it; queries from the
+    # API's threads then never share a client with the sink's inserts).
+    dashboard_store = open_store(settings, migrate=False)
+    stack = ServingStack(settings, store=dashboard_store).start()
     tuner = build_tuner(settings, store)
     schedule = FineTuneSchedule(tuner, interval_s=settings.train.interval_s, retry_s=settings.train.retry_s)
     schedule.start()
@@ -79,6 +82,7 @@ def _serve_everything(settings: Settings, store: Store) -> sink.SinkStats:
         schedule.stop()
         tuner.publisher.close()
         stack.stop()
+        dashboard_store.close()
 
 
 def _rows_of_dataset(store: Store, dataset: str) -> int:

@@ -1,9 +1,10 @@
 """The HTTP API (DESIGN.md §2), hosted by ``freshrec serve`` and ``freshrec run``.
 
 Routes: ``GET /v1/recommendations/{user_id}?k=10``, ``POST /v1/events`` (one event or an array),
-``GET /healthz``, ``GET /metrics`` (Prometheus text), and the OpenAPI spec at ``/openapi.json``
-(``/docs`` renders it). With ``FRESHREC_API_TOKEN`` set, every route but ``/healthz`` needs
-``Authorization: Bearer <token>``; anything else gets 401.
+``GET /healthz``, ``GET /metrics`` (Prometheus text), ``GET /dashboard`` (see
+:mod:`publishers.dashboard`), and the OpenAPI spec at ``/openapi.json`` (``/docs`` renders it). With
+``FRESHREC_API_TOKEN`` set, every route but ``/healthz`` and the dashboard's page (which holds no
+data) needs ``Authorization: Bearer <token>``; anything else gets 401.
 
 Why FastAPI: request validation and the OpenAPI spec come from the same type declarations, and
 ``k`` out of range is a 422 before any work (so nothing is served and nothing is logged). Every
@@ -38,6 +39,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from freshrec.errors import InvalidEvent
 from freshrec.events import event_from_obj
 from freshrec.settings import Settings
+from freshrec.store import Store
+from publishers.dashboard import PAGE_PATH
+from publishers.dashboard import router as dashboard_router
 from publishers.replica import ReplicaSubscriber
 from publishers.serving import Recommender
 from streams.impressions import encode_impression
@@ -103,6 +107,9 @@ class Metrics:
         )
 
 
+_OPEN_PATHS = frozenset({"/healthz", PAGE_PATH})  # no data: the page's own requests carry the token
+
+
 class AuthAndTiming:
     """Bearer-token check and the latency histogram, as a plain ASGI middleware.
 
@@ -120,7 +127,7 @@ class AuthAndTiming:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.expected is not None and scope["path"] != "/healthz":
+        if self.expected is not None and scope["path"] not in _OPEN_PATHS:
             header = dict(scope["headers"]).get(b"authorization", b"")
             if not secrets.compare_digest(header, self.expected):
                 denied = JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401)
@@ -140,8 +147,10 @@ def create_app(
     recommender: Recommender,
     producer: EventProducer,
     subscriber: ReplicaSubscriber | None = None,
+    store: Store | None = None,
 ) -> FastAPI:
-    """The API over a recommender (serving state) and a producer (events and impressions)."""
+    """The API over a recommender (serving state) and a producer (events and impressions); the
+    dashboard reads ``store`` (without one, its data routes answer 503 and say why)."""
     app = FastAPI(title="freshrec", version="1", summary="Streaming, online-learning recommendations.")
     metrics = Metrics()
     # An empty token (e.g. an unset variable in docker-compose) means no authentication, not "Bearer ".
@@ -150,6 +159,7 @@ def create_app(
     max_k = settings.serve.max_k
 
     app.add_middleware(AuthAndTiming, token=token, metrics=metrics)
+    app.include_router(dashboard_router(store))
 
     @app.get("/healthz")
     def healthz() -> Response:

@@ -18,6 +18,7 @@ import uvicorn
 
 from freshrec.errors import ConfigError
 from freshrec.settings import Settings
+from freshrec.store import Store
 from publishers.api import create_app
 from publishers.replica import Replica, ReplicaSubscriber
 from publishers.serving import Recommender
@@ -36,7 +37,8 @@ _SERVE_BATCH = 250
 class ServingStack:
     """Stream worker + model replica + recommender + API; :meth:`start` in threads, :meth:`stop`."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, store: Store | None = None) -> None:
+        """``store``: the ClickHouse the dashboard reads (the caller owns it; None: no dashboard data)."""
         torch.set_num_threads(settings.serve.torch_threads)  # this process serves: see ServeSettings
         group = f"{settings.stream.group_id}.serve-{settings.stream.worker_id}"
         # Requests read the worker's state under the lock it holds while applying a batch: small
@@ -52,7 +54,11 @@ class ServingStack:
             settings=settings.serve, replica=self.replica, reader=StateReader(self.worker)
         )
         self.app = create_app(
-            settings, recommender=self.recommender, producer=self.producer, subscriber=self.subscriber
+            settings,
+            recommender=self.recommender,
+            producer=self.producer,
+            subscriber=self.subscriber,
+            store=store,
         )
         self.server = uvicorn.Server(
             uvicorn.Config(
