@@ -9,6 +9,8 @@ import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, NoReturn
 
 import click
@@ -425,6 +427,7 @@ def serve() -> None:
     import signal
     import threading
 
+    from freshrec.store import open_store
     from publishers.server import ServingStack
 
     settings = _settings()
@@ -432,12 +435,19 @@ def serve() -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     with _errors():
-        stack = ServingStack(settings).start()
-    _err.print(f"serving on {stack.url} (OpenAPI: {stack.url}/docs); Ctrl-C stops", highlight=False)
+        # The dashboard reads a ClickHouse server; a chDB path belongs to `freshrec run` or the sink.
+        store = None if settings.dsn.startswith("chdb://") else open_store(settings)
+        stack = ServingStack(settings, store=store).start()
+    _err.print(
+        f"serving on {stack.url} (OpenAPI: {stack.url}/docs, dashboard: {stack.url}/dashboard); Ctrl-C stops",
+        highlight=False,
+    )
     try:
         stop.wait()
     finally:
         stack.stop()
+        if store is not None:
+            store.close()
 
 
 @main.command()
@@ -605,6 +615,60 @@ def sql(query: str, as_json: bool) -> None:
         _emit_json([dict(zip(columns, row, strict=True)) for row in rows])
     else:
         _print_table(columns, rows)
+
+
+class _Iso8601(click.ParamType):
+    """An ISO 8601 date or time (``2024-05-01``, ``2024-05-01T12:00:00+02:00``, ``...Z``), in UTC.
+
+    Without an offset the time is taken as UTC, the clock of every time ClickHouse stores here.
+    """
+
+    name = "ISO8601"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        try:
+            moment = datetime.fromisoformat(str(value))
+        except ValueError:
+            self.fail(f"{value!r} is not an ISO 8601 date or time, e.g. 2024-05-01 or 2024-05-01T12:00:00Z")
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+@main.command()
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("freshrec-report"),
+    show_default=True,
+    help="Directory for report.html and report.png (created if needed).",
+)
+@click.option("--since", type=_Iso8601(), help="Window start (inclusive); default: the data's first row.")
+@click.option("--until", type=_Iso8601(), help="Window end (exclusive); default: the data's last row.")
+@click.option("--json", "as_json", is_flag=True, help="Print the paths and headline numbers as JSON.")
+def report(out: Path, since: datetime | None, until: datetime | None, as_json: bool) -> None:
+    """Write a self-contained HTML (and PNG) summary of the run: volumes, freshness, quality, exploration."""
+    from freshrec import report as report_module
+    from freshrec.store import open_store
+
+    if since is not None and until is not None and since >= until:
+        raise click.BadParameter(
+            f"--since ({since.isoformat()}) must be before --until ({until.isoformat()})",
+            param_hint="'--since' / '--until'",
+        )
+    settings = _settings()
+    with _errors():
+        store = open_store(settings)
+        try:
+            result = report_module.write_report(store, out, since=since, until=until)
+        finally:
+            store.close()
+    if as_json:
+        _emit_json(result.to_json())
+        return
+    _print_table(["", ""], list(result.headline.items()), title="report")
+    click.echo(result.html)
+    click.echo(result.png)
 
 
 @main.command()

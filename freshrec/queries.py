@@ -71,9 +71,12 @@ _SERIES = {"bucket_s": "UInt32"}
 # 2024, arXiv:2412.00430) proposes for the quality of sequential-recommendation data. Patterns are
 # length-m runs of items inside one user's sequence (time order, ties by event id), pooled over the
 # users active in the bucket: per-user ApEn is degenerate when users rarely repeat an item. Then
-# Phi_m = sum over patterns p of (c_p / N_m) * ln(c_p / N_m), and ApEn = Phi_m - Phi_(m+1): the
-# entropy (nats) of the next item given the m before it. Low: repetitive, predictable data (loops,
-# bots, replays of the same sessions); high: every transition is new.
+# Phi_m = sum over patterns p of (c_p / N) * ln(c_p / N), and ApEn = Phi_m - Phi_(m+1): the entropy
+# (nats) of the next item given the m before it. Low: repetitive, predictable data (loops, bots,
+# replays of the same sessions); high: every transition is new. One departure from Pincus: the
+# m-runs counted are those an item follows (the prefixes of the (m+1)-runs, N of each), which makes
+# ApEn the empirical conditional entropy, never negative; with all N - m + 1 runs, the many
+# one-event sequences of a sparse bucket add m-runs with no successor and drive it below zero.
 _APEN = """
 SELECT bucket AS time,
        sumIf(c * log(c / n), k = {{m:UInt8}}) / anyIf(n, k = {{m:UInt8}})
@@ -83,8 +86,10 @@ FROM (
     SELECT bucket, k, gram, count() AS c, sum(count()) OVER (PARTITION BY bucket, k) AS n
     FROM (
         SELECT bucket, k,
-               arrayJoin(arrayMap(i -> arraySlice(items, i, k),
-                                  range(1, toUInt64(greatest(toInt64(length(items)) - k + 2, 1))))) AS gram
+               arrayJoin(arrayMap(
+                   i -> arraySlice(items, i, k),
+                   range(1, toUInt64(greatest(toInt64(length(items)) - {{m:UInt8}} + 1, 1)))
+               )) AS gram
         FROM (
             SELECT {bucket} AS bucket,
                    arrayMap(t -> t.3, arraySort(groupArray((ts, event_id, item_id)))) AS items
