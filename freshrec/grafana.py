@@ -92,9 +92,9 @@ def dashboard() -> dict[str, Any]:
     }
 
 
-def main() -> None:
+def _main() -> None:
     sys.stdout.write(json.dumps(dashboard(), indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    _main()
