@@ -2,8 +2,7 @@
 
 **Retrieval is exact**: the score of every indexed item is one matrix product of the user's state
 with the item table (DESIGN.md §3: brute force at this scale beats approximate indexes on recall and
-sits near the memory-bandwidth floor; measured in ``bench/serving_latency.py``), then an
-``argpartition`` for the top-n.
+sits near the memory-bandwidth floor; measured in ``bench/serving_latency.py``), then a ``topk``.
 
 **Index construction keeps the index confident** (Shopee's lesson): an item whose embedding row is
 young — carried by few versions since its item got the row — is *not* put in the main index, so a
@@ -17,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -89,9 +89,17 @@ class ServingIndex:
     index_rows: IntArray  # confident rows: the main index
     index_vectors: FloatArray  # (len(index_rows), D), contiguous: one matrix product per query
     pool_rows: IntArray  # uncertain rows: the exploration pool
+    coarse: torch.Tensor | None = None  # (len(index_rows), D) bfloat16 copy for the scan, or None
 
     @classmethod
-    def build(cls, version: ModelVersion, stats: RowStats, *, max_uncertainty: float) -> ServingIndex:
+    def build(
+        cls,
+        version: ModelVersion,
+        stats: RowStats,
+        *,
+        max_uncertainty: float,
+        dtype: Literal["float32", "bfloat16"] = "float32",
+    ) -> ServingIndex:
         config = SASRecConfig.from_dict(dict(version.config))
         model = SASRec(config, rows=version.params[TABLE].shape[0])
         model.load_state_dict(
@@ -104,6 +112,8 @@ class ServingIndex:
         has_item = np.array([item is not None for item in version.item_ids], dtype=bool)
         confident = has_item & (uncertainty <= max_uncertainty)
         index_rows = np.flatnonzero(confident).astype(np.int64)
+        index_vectors = np.ascontiguousarray(vectors[index_rows])
+        coarse = torch.from_numpy(index_vectors).to(torch.bfloat16) if dtype == "bfloat16" else None
         return cls(
             version=version,
             model=model,
@@ -111,8 +121,9 @@ class ServingIndex:
             item_of=version.item_ids,
             uncertainty=uncertainty,
             index_rows=index_rows,
-            index_vectors=np.ascontiguousarray(vectors[index_rows]),
+            index_vectors=index_vectors,
             pool_rows=np.flatnonzero(has_item & ~confident).astype(np.int64),
+            coarse=coarse,
         )
 
     def user_vector(self, history: Sequence[str]) -> FloatArray | None:
@@ -130,17 +141,26 @@ class ServingIndex:
         """The ``n`` best indexed items for ``user`` by exact inner product, ``exclude`` left out."""
         if not len(self.index_rows) or n <= 0:
             return []
-        # torch's matrix-vector product runs on the calling thread's (single) OpenMP thread; numpy's
-        # BLAS woke its own thread pool for every query, which cost 0.6 ms a query off the main thread.
-        scores = torch.mv(torch.from_numpy(self.index_vectors), torch.from_numpy(user)).numpy()  # (I,)
-        want = min(len(scores), n + len(exclude))
-        best = np.argpartition(-scores, want - 1)[:want]
-        best = best[np.argsort(-scores[best], kind="stable")]
+        # torch on the calling thread's (single) OpenMP thread: numpy's BLAS woke its own thread pool
+        # for every query (0.6 ms a query). torch.topk, not numpy.argpartition: at 1M scores the
+        # partition alone took 10 ms against 2 ms (bench/serving_latency.py prints both).
+        table = torch.from_numpy(self.index_vectors)  # (I, D), shares memory
+        query = torch.from_numpy(user)  # (D,)
+        want = min(table.shape[0], n + len(exclude))
+        if self.coarse is None:
+            values, positions = torch.topk(torch.mv(table, query), want)  # sorted, best first
+        else:
+            # Scan in bfloat16 (half the bytes), then re-score a shortlist exactly in float32.
+            coarse = torch.mv(self.coarse, query.to(torch.bfloat16))  # (I,)
+            shortlist = torch.topk(coarse, min(table.shape[0], 4 * want + 64), sorted=False).indices
+            exact = torch.mv(table[shortlist], query)  # (S,)
+            values, best = torch.topk(exact, want)
+            positions = shortlist[best]
         out: list[tuple[str, float]] = []
-        for position in best.tolist():
+        for position, score in zip(positions.tolist(), values.tolist(), strict=True):
             item = self.item_of[int(self.index_rows[position])]
             if item is not None and item not in exclude:
-                out.append((item, float(scores[position])))
+                out.append((item, score))
                 if len(out) == n:
                     break
         return out

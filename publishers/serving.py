@@ -103,7 +103,10 @@ class Recommender:
         self._known = [item for item in version.item_ids if item is not None]
         self._known_set = set(self._known)
         self._index = ServingIndex.build(
-            version, self._stats, max_uncertainty=self.settings.index_max_uncertainty
+            version,
+            self._stats,
+            max_uncertainty=self.settings.index_max_uncertainty,
+            dtype=self.settings.index_dtype,
         )
         logger.info(
             "serving v%d: %d items indexed, %d in the exploration pool",

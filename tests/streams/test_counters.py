@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from freshrec.settings import default_datasets_dir
-from streams.counters import CounterConfig, ItemCounters
+from streams.counters import CounterConfig, ItemCounters, top_rows
 
 HOUR, DAY, WEEK = 3_600, 86_400, 604_800
 
@@ -134,3 +134,22 @@ def test_caps_bound_memory_and_count_the_overflow() -> None:
     restored = ItemCounters()
     restored.load_state_dict(counters.state_dict())  # a small state into fresh, larger arrays
     assert restored.top(3) == counters.top(3) and restored.windowed("i0", 60) == counters.windowed("i0", 60)
+
+
+@given(
+    st.lists(st.sampled_from([0.0, 0.0, 0.5, 1.0, 2.0, 3.25, 7.0, 1e9]), min_size=1, max_size=400),
+    st.integers(min_value=0, max_value=60),
+    st.integers(min_value=1, max_value=400),
+)
+@settings(max_examples=300, deadline=None)
+def test_top_rows_is_exact_with_ties_by_row(values: list[float], k: int, repeat: int) -> None:
+    # Repeating the list makes long arrays (the sampled-cut path) with many ties.
+    array = np.tile(np.array(values, dtype=np.float64), repeat)
+    expected = sorted(range(len(array)), key=lambda row: (-array[row], row))[:k]
+    assert top_rows(array, k).tolist() == expected
+
+
+def test_top_rows_on_a_long_skewed_array_takes_the_sampled_path_and_stays_exact() -> None:
+    values = np.random.default_rng(0).zipf(1.3, size=1_000_000).astype(np.float64)
+    expected = np.lexsort((np.arange(len(values)), -values))[:200]
+    assert top_rows(values, 200).tolist() == expected.tolist()

@@ -1,0 +1,74 @@
+"""Retrieval: row ages across versions, the confident index, and exact top-n in both precisions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from learners.sasrec import SASRec, SASRecConfig
+from publishers.retrieval import TABLE, RowStats, ServingIndex
+from publishers.updates import ModelVersion
+
+
+def _version(items: int, *, number: int = 1, dim: int = 16, seed: int = 0) -> ModelVersion:
+    torch.manual_seed(seed)
+    model = SASRec(SASRecConfig(dim=dim, blocks=1), rows=items + 1)
+    model.init_rows(torch.arange(1, items + 1))
+    params = {name: value.detach().numpy().copy() for name, value in model.state_dict().items()}
+    return ModelVersion.build(
+        number, params, [None, *(f"i{n}" for n in range(items))], config=model.config.to_dict()
+    )
+
+
+def _next(version: ModelVersion, *, changed: list[int], ids: list[str | None] | None = None) -> ModelVersion:
+    params = {name: np.array(value) for name, value in version.params.items()}
+    params[TABLE][changed] += 0.5
+    return ModelVersion.build(
+        version.version + 1, params, ids or list(version.item_ids), config=dict(version.config)
+    )
+
+
+def test_row_ages_count_the_versions_that_changed_them_and_restart_with_a_new_item() -> None:
+    stats = RowStats(initial=4)
+    first = _version(6)
+    stats.observe(first)
+    assert stats.updates.tolist() == [0, 4, 4, 4, 4, 4, 4]  # row 0 is padding
+    second = _next(first, changed=[1, 2])
+    stats.observe(second)
+    assert stats.updates.tolist() == [0, 5, 5, 4, 4, 4, 4]
+    ids = list(second.item_ids)
+    ids[3] = "new-item"  # row 3 evicted and given to another item, with a fresh vector
+    third = _next(second, changed=[3], ids=ids)
+    stats.observe(third)
+    assert stats.updates.tolist() == [0, 5, 5, 1, 4, 4, 4]
+    assert stats.uncertainty()[3] == 1.0 and stats.uncertainty()[1] == pytest.approx(1 / np.sqrt(5))
+
+    index = ServingIndex.build(third, stats, max_uncertainty=0.5)
+    assert index.index_rows.tolist() == [1, 2, 4, 5, 6]  # the young row is explored, not indexed
+    assert index.pool_rows.tolist() == [3]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_top_is_the_exact_inner_product_order(dtype: str) -> None:
+    version = _version(20_000, dim=32)
+    stats = RowStats()
+    stats.observe(version)
+    index = ServingIndex.build(version, stats, max_uncertainty=0.5, dtype=dtype)  # type: ignore[arg-type]
+    assert (index.coarse is not None) == (dtype == "bfloat16")
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        user = rng.normal(size=32).astype(np.float32)
+        scores = index.index_vectors.astype(np.float64) @ user
+        order = np.argsort(-scores, kind="stable")
+        exclude = {index.item_of[int(index.index_rows[r])] or "" for r in order[:5:2]}
+        got = index.top(user, 50, exclude=exclude)
+        expected = [index.item_of[int(index.index_rows[r])] for r in order[:60]]
+        expected = [item for item in expected if item not in exclude][:50]
+        assert [item for item, _ in got] == expected
+        # Scores are float32 products, whatever the scan's precision.
+        rows = [index.row_of[item] for item, _ in got]
+        exact = [
+            float(np.float32(index.index_vectors[np.searchsorted(index.index_rows, r)] @ user)) for r in rows
+        ]
+        assert [score for _, score in got] == pytest.approx(exact, rel=1e-5, abs=1e-5)
