@@ -3,26 +3,33 @@
 For synthetic catalogues of 10k, 100k and 1M items (d=64, a 2-block SASRec with random weights: the
 cost does not depend on what the weights are), in the same run:
 
-- **bare top-k**: one fp32 matrix product over the item table and an ``argpartition`` (numpy), the
-  floor any exact retrieval pays, beside the memory-bandwidth bound (table bytes / measured copy
-  bandwidth);
+- **bare top-k**, single queries, beside the memory-bandwidth bound (table bytes / measured copy
+  bandwidth): numpy (one fp32 matrix product and an ``argpartition``, the baseline the issue names),
+  torch (``mv`` and ``topk``, fp32: what retrieval runs) and bf16 (a bfloat16 ``mv`` and an exact fp32
+  re-score of a 4n + 64 shortlist), with the bf16 scan's recall of the exact top-10;
 - **recommender**: :meth:`Recommender.recommend` in-process (user state by the transformer, exact
   top-n, co-occurrence, popularity, fusion, exploration);
 - **API**: the HTTP route through uvicorn, with ``--clients`` concurrent client processes (one request
   at a time each), the response logged to the impressions topic of a real broker, as served.
 
-    .venv/bin/python bench/serving_latency.py --requests 400 --clients 4
+    .venv/bin/python bench/serving_latency.py --requests 400 --clients 2 --server-procs 1 2 [--load wrk]
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import re
+import shutil
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -30,7 +37,7 @@ import torch
 import uvicorn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import bench_cluster, free_port
+from harness import bench_cluster
 
 from freshrec.settings import ServeSettings, Settings, StreamSettings
 from learners.sasrec import SASRec, SASRecConfig
@@ -82,7 +89,99 @@ def _client(port: int, offset: int, requests: int, clients: int) -> list[float]:
     return out
 
 
-def run_size(settings: Settings, items: int, requests: int, clients: int, gbs: float) -> dict[str, float]:
+def bare_topk(table: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
+    """Single-query top-10 over ``table`` three ways; medians and p99 in ms, and the bf16 recall."""
+    tensor = torch.from_numpy(table)
+    coarse = tensor.to(torch.bfloat16)
+    times: dict[str, list[float]] = {"numpy": [], "torch": [], "bf16": []}
+    hits = 0
+    for _ in range(200):
+        user = rng.normal(size=table.shape[1]).astype(np.float32)
+        query = torch.from_numpy(user)
+        started = time.perf_counter()
+        scores = table @ user
+        top = np.argpartition(-scores, 9)[:10]
+        top[np.argsort(-scores[top])]
+        times["numpy"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        exact = torch.topk(torch.mv(tensor, query), 10).indices
+        times["torch"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        shortlist = torch.topk(torch.mv(coarse, query.to(torch.bfloat16)), 4 * 10 + 64, sorted=False).indices
+        best = shortlist[torch.topk(torch.mv(tensor[shortlist], query), 10).indices]
+        times["bf16"].append(time.perf_counter() - started)
+        hits += len(set(best.tolist()) & set(exact.tolist()))
+    out = {f"{name}50": statistics.median(v) * 1000 for name, v in times.items()}
+    out |= {f"{name}99": pct(v, 0.99) * 1000 for name, v in times.items()}
+    out["recall"] = hits / (200 * 10)
+    return out
+
+
+def _serve(sock: socket.socket, settings: Settings, recommender: Recommender, ready: Any) -> None:
+    """One server process: the API over the (inherited) recommender on the shared socket."""
+    torch.set_num_threads(ServeSettings().torch_threads)
+    producer = EventProducer(settings, **{"linger.ms": 5})
+    app = create_app(settings, recommender=recommender, producer=producer)
+    config = uvicorn.Config(
+        app, log_level="warning", lifespan="off", http="httptools", loop="uvloop", access_log=False
+    )
+    server = uvicorn.Server(config)
+
+    def announce() -> None:
+        while not server.started:
+            time.sleep(0.01)
+        ready.set()
+
+    threading.Thread(target=announce, daemon=True).start()
+    server.run(sockets=[sock])  # until SIGTERM
+    producer.close()
+
+
+_WRK_SCRIPT = """
+counter = 0
+request = function()
+  counter = counter + 1
+  return wrk.format("GET", "/v1/recommendations/u" .. (counter %% %d) .. "?k=10")
+end
+"""
+
+
+def _wrk(port: int, connections: int, *, seconds: float) -> tuple[float, float, float]:
+    """Load from wrk (C, one thread, ``connections`` closed-loop connections): p50 and p99 in ms, req/s.
+
+    The Python clients spend ~1 ms of CPU per request on the same two cores; wrk measures the server
+    with almost none of that."""
+    if shutil.which("wrk") is None:
+        raise SystemExit("--load wrk needs wrk (Debian: apt-get install wrk)")
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+        script.write(_WRK_SCRIPT % USERS)
+        script.flush()
+        out = subprocess.run(
+            ["wrk", "-t1", f"-c{connections}", f"-d{seconds:.0f}s", "--latency", "-s", script.name,
+             f"http://127.0.0.1:{port}"],
+            check=True, capture_output=True, text=True,
+        ).stdout  # fmt: skip
+    unit = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+    def quantile(q: str) -> float:
+        value, suffix = re.search(rf"^\s*{q}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()  # type: ignore[union-attr]
+        return float(value) * unit[suffix]
+
+    qps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise SystemExit(f"wrk saw errors:\n{out}")
+    return quantile("50"), quantile("99"), qps
+
+
+def run_size(
+    settings: Settings,
+    items: int,
+    requests: int,
+    clients: int,
+    gbs: float,
+    procs: int,
+    load: str,
+) -> dict[str, float]:
     version = model_version(items)
     replica = Replica()
     replica.receive(snapshot_update(version, parent=0))
@@ -94,65 +193,62 @@ def run_size(settings: Settings, items: int, requests: int, clients: int, gbs: f
         stamps = [step * 1000] * USERS
         worker.state.histories.append(users, picked, ["view"] * USERS, stamps)
         worker.state.counters.update(picked, ["view"] * USERS, stamps)
-    recommender = Recommender(settings=ServeSettings(seed=1), replica=replica, reader=StateReader(worker))
+    serve = ServeSettings(seed=1)
+    settings = settings.model_copy(update={"serve": serve})
+    recommender = Recommender(settings=serve, replica=replica, reader=StateReader(worker))
     index = recommender.index
     assert index is not None
-    # Bare top-k over the same table.
-    bare = []
-    for _ in range(200):
-        user = rng.normal(size=64).astype(np.float32)
-        started = time.perf_counter()
-        scores = index.index_vectors @ user
-        top = np.argpartition(-scores, 9)[:10]
-        top[np.argsort(-scores[top])]
-        bare.append(time.perf_counter() - started)
+    bare = bare_topk(index.index_vectors, rng)
     floor_ms = index.index_vectors.nbytes / (gbs * 1e9 / 2) * 1000  # reading the table once
     inproc = []
     for n in range(200):
         started = time.perf_counter()
         recommender.recommend(users[n % USERS], 10)
         inproc.append(time.perf_counter() - started)
-    # Through the API, with concurrent clients.
-    port = free_port()
-    producer = EventProducer(settings, **{"linger.ms": 5})
-    app = create_app(settings, recommender=recommender, producer=producer)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-            lifespan="off",
-            http="httptools",
-            loop="uvloop",
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    # Clients in processes of their own: in this process they would contend with the server for
-    # the GIL and measure that instead.
+    # Through the API, with concurrent clients, served by ``procs`` forked server processes sharing
+    # one listening socket (uvicorn's --workers model; each child holds a copy-on-write copy of the
+    # state and its own Kafka producer).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    port = sock.getsockname()[1]
     context = multiprocessing.get_context("fork")
-    with context.Pool(clients) as pool:
-        started = time.perf_counter()
-        parts = pool.starmap(_client, [(port, c, requests, clients) for c in range(clients)])
-    wall = time.perf_counter() - started
-    latencies = [value for part in parts for value in part]
-    server.should_exit = True
-    thread.join()
-    producer.flush()
+    ready = [context.Event() for _ in range(procs)]
+    servers = [
+        context.Process(target=_serve, args=(sock, settings, recommender, event), daemon=True)
+        for event in ready
+    ]
+    for server in servers:
+        server.start()
+    for event in ready:
+        assert event.wait(60), "a server process did not start"
+    if load == "wrk":
+        api50, api99, qps = _wrk(port, clients, seconds=max(5.0, requests / 60))
+    else:
+        # Clients in processes of their own: in this process they would contend with the server for
+        # the GIL and measure that instead.
+        with context.Pool(clients) as pool:
+            started = time.perf_counter()
+            parts = pool.starmap(_client, [(port, c, requests, clients) for c in range(clients)])
+        wall = time.perf_counter() - started
+        latencies = [value for part in parts for value in part]
+        api50, api99, qps = statistics.median(latencies) * 1000, pct(latencies, 0.99) * 1000, requests / wall
+    for server in servers:
+        server.terminate()
+        server.join()
+    sock.close()
     ms = 1000.0
     return {
         "items": items,
         "floor": floor_ms,
-        "bare50": statistics.median(bare) * ms,
-        "bare99": pct(bare, 0.99) * ms,
+        **bare,
         "rec50": statistics.median(inproc) * ms,
         "rec99": pct(inproc, 0.99) * ms,
-        "api50": statistics.median(latencies) * ms,
-        "api99": pct(latencies, 0.99) * ms,
-        "qps": requests / wall,
+        "api50": api50,
+        "api99": api99,
+        "qps": qps,
+        "procs": procs,
     }
 
 
@@ -162,26 +258,49 @@ def main() -> None:
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--requests", type=int, default=400)
-    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument(
+        "--load", choices=["httpx", "wrk"], default="httpx", help="Client processes in Python, or wrk."
+    )
+    parser.add_argument(
+        "--server-procs", type=int, nargs="+", default=[1, 2], help="API server processes (forked)."
+    )
     args = parser.parse_args()
     torch.set_num_threads(ServeSettings().torch_threads)  # as `freshrec serve` does
     gbs = bandwidth_gbs()
     print(f"copy bandwidth {gbs:.1f} GB/s (read+write); torch threads {torch.get_num_threads()}")
     with bench_cluster() as settings:
-        rows = [run_size(settings, size, args.requests, args.clients, gbs) for size in args.sizes]
+        rows = [
+            run_size(settings, size, args.requests, args.clients, gbs, procs, args.load)
+            for size in args.sizes
+            for procs in args.server_procs
+        ]
+    print("\nbare top-10, single queries (ms): numpy = fp32 product + argpartition; torch = mv + topk;")
+    print("bf16 = bfloat16 mv + fp32 re-score of a 104-item shortlist (recall: of torch's exact top-10)")
     print(
-        f"\nGET /v1/recommendations k=10, {args.clients} client processes, {args.requests} requests each size"
+        f"{'items':>9} {'floor':>7} {'numpy p50':>10} {'torch p50':>10} {'bf16 p50':>9} {'bf16 recall':>12}"
+    )
+    for r in rows:
+        if r["procs"] == args.server_procs[0]:
+            print(
+                f"{r['items']:>9,} {r['floor']:>7.2f} {r['numpy50']:>10.2f} {r['torch50']:>10.2f}"
+                f" {r['bf1650']:>9.2f} {r['recall']:>12.4f}"
+            )
+    print(
+        f"\nGET /v1/recommendations k=10, {args.clients} concurrent clients ({args.load}),"
+        f" {args.requests} requests each size"
     )
     header = (
-        f"{'items':>9} {'floor':>7} {'bare p50':>9} {'bare p99':>9} {'rec p50':>8} {'rec p99':>8}"
-        f" {'API p50':>8} {'API p99':>8} {'req/s':>7} {'API-bare p50':>13}"
+        f"{'items':>9} {'procs':>5} {'rec p50':>8} {'rec p99':>8} {'API p50':>8}"
+        f" {'API p99':>8} {'req/s':>7}"
+        f" {'API-numpy p50':>14} {'API-torch p50':>14}"
     )
     print(header + "   (ms)")
     for r in rows:
         print(
-            f"{r['items']:>9,} {r['floor']:>7.2f} {r['bare50']:>9.2f} {r['bare99']:>9.2f} {r['rec50']:>8.2f}"
-            f" {r['rec99']:>8.2f} {r['api50']:>8.2f} {r['api99']:>8.2f} {r['qps']:>7.0f}"
-            f" {r['api50'] - r['bare50']:>13.2f}"
+            f"{r['items']:>9,} {r['procs']:>5} {r['rec50']:>8.2f} {r['rec99']:>8.2f}"
+            f" {r['api50']:>8.2f} {r['api99']:>8.2f} {r['qps']:>7.0f} {r['api50'] - r['numpy50']:>14.2f}"
+            f" {r['api50'] - r['torch50']:>14.2f}"
         )
 
 

@@ -422,32 +422,33 @@ def _train_scheduled(settings: Settings, store: Any) -> None:
 
 
 @main.command()
-def serve() -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1, max=64),
+    default=None,
+    help="Serving processes behind the port (default: FRESHREC_SERVE__WORKERS, 1).",
+)
+def serve(workers: int | None) -> None:
     """The HTTP API: recommendations from the newest model version and the live stream state."""
     import signal
     import threading
 
-    from freshrec.store import open_store
-    from publishers.server import ServingStack
+    from publishers import server
 
     settings = _settings()
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    with _errors():
-        # The dashboard reads a ClickHouse server; a chDB path belongs to `freshrec run` or the sink.
-        store = None if settings.dsn.startswith("chdb://") else open_store(settings)
-        stack = ServingStack(settings, store=store).start()
+    count = workers or settings.serve.workers
+    url = f"http://{settings.api_host}:{settings.api_port}"
     _err.print(
-        f"serving on {stack.url} (OpenAPI: {stack.url}/docs, dashboard: {stack.url}/dashboard); Ctrl-C stops",
+        f"serving on {url} with {count} process(es) (OpenAPI: {url}/docs, dashboard: {url}/dashboard); "
+        "Ctrl-C stops",
         highlight=False,
     )
-    try:
-        stop.wait()
-    finally:
-        stack.stop()
-        if store is not None:
-            store.close()
+    with _errors():
+        code = server.serve(settings, workers=count, stop=stop)
+    sys.exit(code)
 
 
 @main.command()

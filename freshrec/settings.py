@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -192,15 +192,16 @@ class ServeSettings(BaseModel):
     index_max_uncertainty: float = Field(
         0.5, ge=0, le=1, description="Rows younger than this (1/sqrt(updates)) stay out of the main index."
     )
-    index_dtype: Literal["float32", "bfloat16"] = Field(
-        "float32",
-        description="Precision of the retrieval scan. bfloat16 halves the bytes read per query and "
-        "re-scores a shortlist (4n + 64) in float32, so the returned scores stay exact; the order "
-        "is exact unless bfloat16 rounding pushes a true top-n item out of the shortlist.",
-    )
     candidates: int = Field(100, ge=1, le=10_000, description="Candidates taken from each source.")
     max_k: int = Field(100, ge=1, le=1_000, description="Largest k a request may ask for.")
     seed: int | None = Field(None, description="Seed of the exploration sampler (None: random).")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Serving processes behind the API's port (`freshrec serve`): each serves one "
+        "request at a time and keeps a full replica of the stream state and the model.",
+    )
     torch_threads: int = Field(
         1,
         ge=1,

@@ -170,6 +170,7 @@ def create_app(
         body = {
             "status": "ok" if following else "degraded",
             "model_version": 0 if index is None else index.version.version,
+            "worker": settings.stream.worker_id,
         }
         if not following:
             body["detail"] = f"the model replica stopped following: {subscriber.error if subscriber else ''}"

@@ -5,11 +5,22 @@ A replica keeps its own real-time state: a stream worker (every role, consumer g
 the ``freshrec stream`` workers), a model replica following ``model.sparse`` / ``model.dense`` (and
 healing from the snapshot store), the :class:`~publishers.serving.Recommender` over both, and the
 HTTP API on uvicorn. Replicas scale out by running more of them: each one reads the whole stream.
+
+:func:`serve` runs ``workers`` such stacks as processes behind one listening socket (uvicorn's and
+gunicorn's pre-fork model: the kernel hands each new connection to one of them). A request is CPU
+under the GIL, so one process serves one request at a time; a second process lets two concurrent
+requests run on two cores (measured in ``bench/serving_latency.py``). Each worker is a full
+replica (its own stream worker, group ``<stream group>.serve-<worker id>-<n>``, and its own model
+replica), so each reads the whole stream: the price of the extra core.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
+import signal
+import socket
 import threading
 import time
 
@@ -27,7 +38,7 @@ from streams.producer import EventProducer
 from streams.reader import StateReader
 from streams.worker import StreamWorker
 
-__all__ = ["ServingStack"]
+__all__ = ["ServingStack", "serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +48,12 @@ _SERVE_BATCH = 250
 class ServingStack:
     """Stream worker + model replica + recommender + API; :meth:`start` in threads, :meth:`stop`."""
 
-    def __init__(self, settings: Settings, *, store: Store | None = None) -> None:
-        """``store``: the ClickHouse the dashboard reads (the caller owns it; None: no dashboard data)."""
+    def __init__(
+        self, settings: Settings, *, store: Store | None = None, sock: socket.socket | None = None
+    ) -> None:
+        """``store``: the ClickHouse the dashboard reads (the caller owns it; None: no dashboard data).
+        ``sock``: a listening socket to serve on (shared by :func:`serve`'s workers) instead of
+        binding ``api_host:api_port``."""
         torch.set_num_threads(settings.serve.torch_threads)  # this process serves: see ServeSettings
         group = f"{settings.stream.group_id}.serve-{settings.stream.worker_id}"
         # Requests read the worker's state under the lock it holds while applying a batch: small
@@ -72,18 +87,23 @@ class ServingStack:
                 loop="uvloop",
             )
         )
+        self.store = store
+        self._sockets = [sock] if sock is not None else None
         self._threads: list[threading.Thread] = []
 
     @property
     def url(self) -> str:
         return f"http://{self.settings.api_host}:{self.settings.api_port}"
 
-    def start(self, *, timeout_s: float = 60.0) -> ServingStack:
-        """Start the worker, the replica and the API in background threads; return when it listens."""
+    def start(self, *, timeout_s: float = 60.0, stop: threading.Event | None = None) -> ServingStack:
+        """Start the worker, the replica and the API in background threads; return when it listens
+        and its stream worker has partitions (or after ``timeout_s``, or as soon as ``stop`` is set)."""
         self.subscriber.start()
         worker = threading.Thread(target=self.worker.run, name="freshrec-serve-stream", daemon=True)
         worker.start()
-        api = threading.Thread(target=self.server.run, name="freshrec-api", daemon=True)
+        api = threading.Thread(
+            target=self.server.run, kwargs={"sockets": self._sockets}, name="freshrec-api", daemon=True
+        )
         api.start()
         self._threads = [worker, api]
         deadline = time.monotonic() + timeout_s
@@ -94,6 +114,8 @@ class ServingStack:
                 raise ConfigError(f"the API did not start on {self.url} within {timeout_s:.0f} s")
             time.sleep(0.02)
         while not self.worker.assigned and time.monotonic() < deadline:
+            if stop is not None and stop.is_set():
+                break
             time.sleep(0.02)
         logger.info("serving on %s", self.url)
         return self
@@ -110,3 +132,75 @@ class ServingStack:
         """Block until the API stops (SIGINT/SIGTERM reach uvicorn only in the main thread: see the CLI)."""
         for thread in self._threads:
             thread.join()
+
+
+def serve(settings: Settings, *, workers: int, stop: threading.Event) -> int:
+    """Serve with ``workers`` processes behind one socket until ``stop`` is set; the exit code.
+
+    One worker is this process. With more, this process binds the socket, forks the workers (before
+    any thread of its own exists: forking a threaded process is unsafe), and supervises: if a worker
+    dies, the others are stopped and the exit code is 1, so that an orchestrator restarts the whole
+    set (docker-compose: ``restart: unless-stopped``).
+    """
+    if workers == 1:
+        _run(_stack(settings), stop)
+        return 0
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.api_host, settings.api_port))
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {settings.api_host}:{settings.api_port}: {exc}") from exc
+    sock.listen(2048)
+    context = multiprocessing.get_context("fork")
+    children = [
+        context.Process(target=_worker, args=(settings, n, sock), name=f"freshrec-serve-{n}")
+        for n in range(workers)
+    ]
+    for child in children:
+        child.start()
+    logger.info("serving on %s:%d with %d worker processes", settings.api_host, settings.api_port, workers)
+    code = 0
+    while not stop.wait(0.5):
+        if any(not child.is_alive() for child in children):
+            logger.error(
+                "a serving worker exited (codes %s); stopping the others", [c.exitcode for c in children]
+            )
+            code = 1
+            break
+    for child in children:
+        if child.is_alive():
+            os.kill(child.pid or 0, signal.SIGTERM)
+    for child in children:
+        child.join(60)
+        if child.is_alive():
+            child.kill()
+    sock.close()
+    return code
+
+
+def _stack(settings: Settings, sock: socket.socket | None = None) -> ServingStack:
+    """A stack with the dashboard over a ClickHouse server (a chDB path belongs to `freshrec run`)."""
+    from freshrec.store import open_store
+
+    store = None if settings.dsn.startswith("chdb://") else open_store(settings)
+    return ServingStack(settings, store=store, sock=sock)
+
+
+def _worker(settings: Settings, n: int, sock: socket.socket) -> None:
+    """One forked worker: its own replica of everything, on the shared socket, until SIGTERM."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stream = settings.stream.model_copy(update={"worker_id": f"{settings.stream.worker_id}-{n}"})
+    _run(_stack(settings.model_copy(update={"stream": stream}), sock), stop)
+
+
+def _run(stack: ServingStack, stop: threading.Event) -> None:
+    try:
+        stack.start(stop=stop)
+        stop.wait()
+    finally:
+        stack.stop()
+        if stack.store is not None:
+            stack.store.close()

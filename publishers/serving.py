@@ -106,7 +106,6 @@ class Recommender:
             version,
             self._stats,
             max_uncertainty=self.settings.index_max_uncertainty,
-            dtype=self.settings.index_dtype,
         )
         logger.info(
             "serving v%d: %d items indexed, %d in the exploration pool",

@@ -97,7 +97,7 @@ def test_recommendations_auth_validation_and_the_decision_log(
     stack: ServingStack, api_settings: Settings, store: Store
 ) -> None:
     with _client(stack, token=None) as anonymous:
-        assert anonymous.get("/healthz").json() == {"status": "ok", "model_version": 1}
+        assert anonymous.get("/healthz").json() == {"status": "ok", "model_version": 1, "worker": "0"}
         assert anonymous.get("/v1/recommendations/u1").status_code == 401
         assert anonymous.post("/v1/events", json=[]).status_code == 401
     with _client(stack) as client:

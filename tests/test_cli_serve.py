@@ -1,0 +1,71 @@
+"""``freshrec serve --workers N``: processes behind one port, stopped together, failing together."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+from support import cli_env, free_port_pair, wait_until
+
+from freshrec.settings import Settings
+
+
+def _start(settings: Settings, port: int, workers: int) -> subprocess.Popen[str]:
+    env = cli_env(settings) | {"FRESHREC_API_PORT": str(port)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "freshrec", "serve", "--workers", str(workers)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _workers_seen(port: int) -> set[str]:
+    seen: set[str] = set()
+
+    def both() -> bool:
+        try:  # a new connection each time: the kernel hands it to either process
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+                seen.add(http.get("/healthz").json()["worker"])
+        except httpx.HTTPError:
+            pass
+        return len(seen) == 2
+
+    wait_until(both, timeout_s=120, interval_s=0.05)
+    return seen
+
+
+def test_two_workers_share_the_port_and_stop_together(settings: Settings) -> None:
+    port, _ = free_port_pair()
+    process = _start(settings, port, 2)
+    try:
+        assert _workers_seen(port) == {"0-0", "0-1"}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+            response = http.get("/v1/recommendations/someone", params={"k": 5})
+            assert response.status_code == 200 and response.json()["user_id"] == "someone"
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err[-2000:]
+
+
+def test_a_dead_worker_stops_the_set_with_exit_code_1(settings: Settings) -> None:
+    port, _ = free_port_pair()
+    process = _start(settings, port, 2)
+    try:
+        _workers_seen(port)
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        assert len(children) >= 2
+        subprocess.run(["kill", "-9", children[0]], check=True)
+        _, err = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 1, err[-2000:]
+    assert "a serving worker exited" in err
