@@ -69,7 +69,7 @@ def _panel(panel_id: int, query: Query, x: int, y: int) -> dict[str, Any]:
     return panel
 
 
-_UNITS = {"ms": "ms", "ratio": "percentunit", "events/min": "short", "nats": "short"}
+_UNITS = {"ms": "ms", "ratio": "percentunit", "events/min": "short", "nats": "short", "messages": "short"}
 
 
 def dashboard() -> dict[str, Any]:

@@ -30,7 +30,15 @@ __all__ = ["QUERIES", "TABLES", "Panel", "Query", "bucket_for", "panel", "render
 
 RANGE = {"since": "DateTime64(3)", "until": "DateTime64(3)"}
 _IN_RANGE = "{clock} >= {{since:DateTime64(3)}} AND {clock} < {{until:DateTime64(3)}}"
-TABLES = ("events", "dead_letters", "impressions", "model_updates", "training_runs", "eval_runs")
+TABLES = (
+    "events",
+    "dead_letters",
+    "impressions",
+    "model_updates",
+    "training_runs",
+    "eval_runs",
+    "consumer_lag",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +170,23 @@ QUERIES: dict[str, Query] = {
         x="time",
         values=("event_p50_ms", "event_p99_ms", "sink_p99_ms"),
         unit="ms",
+    ),
+    "consumer_lag": Query(
+        "Consumer lag by group (messages)",
+        "Messages each consumer group has yet to process (high watermark minus committed offset, "
+        "summed over partitions): the sink, the stream roles, the serving replicas. The highest "
+        "sample in each bucket.",
+        "SELECT time, consumer_group, max(total) AS lag FROM ("
+        "SELECT sampled_at, consumer_group, sum(lag) AS total FROM {consumer_lag} FINAL "
+        f"WHERE {_where('sampled_at')} GROUP BY sampled_at, consumer_group) "
+        f"GROUP BY {_BUCKET.format(col='sampled_at')} AS time, consumer_group ORDER BY time, consumer_group",
+        "consumer_lag.sampled_at",
+        "timeseries",
+        _SERIES,
+        x="time",
+        series="consumer_group",
+        values=("lag",),
+        unit="messages",
     ),
     "served_ctr": Query(
         "Served click-through by source and explore flag",

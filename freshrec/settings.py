@@ -94,6 +94,12 @@ class SinkSettings(BaseModel):
         ge=0,
         description="How many recent event_ids a sink remembers to turn duplicates into dead letters.",
     )
+    lag_interval_s: float = Field(
+        10.0,
+        ge=0,
+        description="How often the sink samples the lag of freshrec's consumer groups into "
+        "ClickHouse `consumer_lag` (0: never).",
+    )
 
 
 class StreamSettings(BaseModel):

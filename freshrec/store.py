@@ -189,6 +189,26 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        5,
+        "consumer_lag",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS {db}.consumer_lag
+            (
+                sampled_at DateTime64(3, 'UTC') COMMENT 'when the sink sampled the group',
+                consumer_group String COMMENT 'a freshrec consumer group: sink, stream roles, serving',
+                topic LowCardinality(String),
+                partition UInt32,
+                committed Int64 COMMENT 'the group''s committed offset',
+                end_offset Int64 COMMENT 'the partition''s high watermark at the sample',
+                lag Int64 COMMENT 'end_offset - committed: messages the group has yet to process'
+            )
+            ENGINE = ReplacingMergeTree
+            ORDER BY (consumer_group, topic, partition, sampled_at)
+            """,
+        ),
+    ),
 )
 
 

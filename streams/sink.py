@@ -297,9 +297,11 @@ class AuditSink:
 
 
 def run(settings: Settings, store: Store, *, until_idle_s: float | None = None) -> SinkStats:
-    """Run the audit sink in this thread, and the impressions sink (the decision log) beside it on
-    another; SIGINT/SIGTERM finish the current batches and stop both."""
+    """Run the audit sink in this thread, the impressions sink (the decision log) beside it on
+    another, and the consumer-lag sampler (:mod:`streams.lag`) on a third; SIGINT/SIGTERM finish the
+    current batches and stop them all."""
     from streams.impressions import ImpressionSink  # the decision log shares this process and store
+    from streams.lag import LagSampler  # the dashboards' consumer lag, sampled beside the sinks
 
     sink = AuditSink(settings=settings, store=store)
     impressions = ImpressionSink(settings=settings, store=store)
@@ -307,6 +309,12 @@ def run(settings: Settings, store: Store, *, until_idle_s: float | None = None) 
         target=impressions.run, kwargs={"until_idle_s": until_idle_s}, name="freshrec-impressions-sink"
     )
     beside.start()
+    lag: LagSampler | None = None
+    sampler: threading.Thread | None = None
+    if settings.sink.lag_interval_s > 0:
+        lag = LagSampler(settings=settings, store=store, interval_s=settings.sink.lag_interval_s)
+        sampler = threading.Thread(target=lag.run, name="freshrec-lag-sampler", daemon=True)
+        sampler.start()
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         logger.info("signal %d: stopping after the current batch", signum)
@@ -324,5 +332,8 @@ def run(settings: Settings, store: Store, *, until_idle_s: float | None = None) 
     finally:
         impressions.stop()
         beside.join()
+        if lag is not None and sampler is not None:
+            lag.stop()  # a last sample, after both sinks committed
+            sampler.join(30)
         for signum, handler in previous.items():
             signal.signal(signum, handler)

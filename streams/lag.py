@@ -1,0 +1,133 @@
+"""Consumer lag of freshrec's groups, sampled into ClickHouse ``consumer_lag`` for the dashboards.
+
+Lag is what a group has yet to process: a partition's high watermark minus the group's committed
+offset. The dashboards read ClickHouse only, and the stream workers and serving replicas hold no
+ClickHouse client, so the audit sink (which has both Kafka and ClickHouse) samples every group of
+this deployment beside its own work, every ``FRESHREC_SINK__LAG_INTERVAL_S`` seconds and once more
+when it stops: its own group and the impressions sink's (``<sink group>``, ``<sink group>.*``),
+the stream roles and the serving replicas (``<stream group>``, ``<stream group>.*``), on this
+deployment's topics (``FRESHREC_TOPIC_PREFIX``).
+
+Sampling is best effort and never stops the sink: a failed sample is logged and the next one tried.
+A group's committed offsets trail its progress by up to its commit interval (1 s for the sink;
+stream workers commit with their checkpoints), so lag reads high by that much.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka import admin as kafka_admin
+from confluent_kafka.admin import AdminClient
+
+from freshrec.settings import Settings
+from freshrec.store import Store
+
+__all__ = ["COLUMNS", "LagRow", "LagSampler", "sample_lag"]
+
+logger = logging.getLogger(__name__)
+
+COLUMNS = ("sampled_at", "consumer_group", "topic", "partition", "committed", "end_offset", "lag")
+
+
+@dataclass(frozen=True, slots=True)
+class LagRow:
+    consumer_group: str
+    topic: str
+    partition: int
+    committed: int
+    end_offset: int
+
+    @property
+    def lag(self) -> int:
+        return max(0, self.end_offset - self.committed)
+
+
+def _ours(settings: Settings, group: str) -> bool:
+    return any(
+        group == prefix or group.startswith(f"{prefix}.")
+        for prefix in (settings.sink.group_id, settings.stream.group_id)
+    )
+
+
+def sample_lag(settings: Settings, admin: AdminClient, *, timeout_s: float = 10.0) -> list[LagRow]:
+    """One sample: every partition this deployment's groups have committed offsets for."""
+    listed = admin.list_consumer_groups(request_timeout=timeout_s).result()
+    groups = sorted(g.group_id for g in listed.valid if _ours(settings, g.group_id))
+    committed: dict[tuple[str, str, int], int] = {}
+    for group in groups:
+        futures = admin.list_consumer_group_offsets(
+            [ConsumerGroupTopicPartitions(group)], request_timeout=timeout_s
+        )
+        for result in futures.values():
+            for tp in result.result().topic_partitions or []:
+                if tp.offset >= 0 and tp.topic.startswith(settings.topic_prefix):
+                    committed[(group, tp.topic, tp.partition)] = tp.offset
+    partitions = {(topic, partition) for _, topic, partition in committed}
+    if not partitions:
+        return []
+    ends = admin.list_offsets(
+        {TopicPartition(t, p): _latest() for t, p in partitions},
+        request_timeout=timeout_s,
+    )
+    end_of = {(tp.topic, tp.partition): future.result().offset for tp, future in ends.items()}
+    return [
+        LagRow(group, topic, partition, offset, end_of[(topic, partition)])
+        for (group, topic, partition), offset in sorted(committed.items())
+    ]
+
+
+def _latest() -> Any:
+    """``OffsetSpec.latest()`` (the high watermark); the module does not re-export its type."""
+    return kafka_admin.OffsetSpec.latest()  # type: ignore[attr-defined,no-untyped-call]
+
+
+class LagSampler:
+    """Samples :func:`sample_lag` into ``consumer_lag`` every ``interval_s`` on its own thread."""
+
+    def __init__(self, *, settings: Settings, store: Store, interval_s: float) -> None:
+        self._settings = settings
+        self._store = store
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._admin = AdminClient(settings.kafka_config(log_level=3))
+        self.samples = 0
+
+    def sample(self) -> list[LagRow]:
+        """Take one sample and store it; return its rows."""
+        rows = sample_lag(self._settings, self._admin)
+        if rows:
+            now = datetime.now(UTC)
+            columns: list[list[Any]] = [
+                [now] * len(rows),
+                [r.consumer_group for r in rows],
+                [r.topic for r in rows],
+                [r.partition for r in rows],
+                [r.committed for r in rows],
+                [r.end_offset for r in rows],
+                [r.lag for r in rows],
+            ]
+            self._store.insert("consumer_lag", columns, column_names=COLUMNS)
+        self.samples += 1
+        return rows
+
+    def run(self) -> None:
+        """Sample now, then every ``interval_s`` until :meth:`stop`, and once more when stopped."""
+        self._sample_logged()
+        while not self._stop.is_set():
+            self._stop.wait(self._interval_s)
+            self._sample_logged()
+
+    def _sample_logged(self) -> None:
+        try:
+            self.sample()
+        except Exception:  # best effort: a broker or ClickHouse hiccup costs one sample
+            logger.warning("consumer lag sample failed; trying again later", exc_info=True)
+
+    def stop(self) -> None:
+        self._stop.set()
