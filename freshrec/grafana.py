@@ -27,7 +27,8 @@ _FORMAT = {"timeseries": 0, "table": 1}  # the plugin's Format enum: TIMESERIES 
 def grafana_sql(query: Query, *, database: str = "freshrec") -> str:
     """The query as Grafana runs it: tables qualified, parameters replaced by macros or defaults."""
     sql = render(query, {t: f"{database}.{t}" for t in TABLES})
-    macros = {"since": "$__fromTime_ms", "until": "$__toTime_ms", "bucket_s": "$__interval_s"}
+    # $__interval_s can be 0 for a short range; toIntervalSecond(0) would fail.
+    macros = {"since": "$__fromTime_ms", "until": "$__toTime_ms", "bucket_s": "greatest($__interval_s, 1)"}
     for name, kind in query.all_parameters.items():
         if name in macros:
             value = macros[name]

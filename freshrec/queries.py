@@ -12,7 +12,7 @@ Grafana reads the same SQL (``freshrec.grafana`` writes its dashboard from :data
 its macros in place of the range and the bucket.
 
 >>> sorted(QUERIES)[:3]
-['coverage', 'ctr_over_time', 'dead_letter_rate']
+['consumer_lag', 'coverage', 'ctr_over_time']
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ QUERIES: dict[str, Query] = {
     "dead_letter_rate": Query(
         "Dead letters per accepted event",
         "Bad messages over events accepted in the same bucket of ingestion time.",
-        f"SELECT time, dead, accepted, if(accepted = 0, dead, dead / accepted) AS rate FROM ("
+        f"SELECT time, dead, accepted, if(accepted = 0, NULL, dead / accepted) AS rate FROM ("
         f"SELECT {_BUCKET.format(col='received_at')} AS time, count() AS dead "
         f"FROM {{dead_letters}} FINAL WHERE {_where('received_at')} GROUP BY time) AS d "
         f"FULL OUTER JOIN (SELECT {_BUCKET.format(col='ingested_at')} AS time, count() AS accepted "
@@ -222,16 +222,17 @@ QUERIES: dict[str, Query] = {
     ),
     "coverage": Query(
         "Catalogue coverage and long-tail share of what was served",
-        "Items shown at least once over items seen in events; the share of served slots given to "
-        "items outside the head (the most-interacted items, head_share of the catalogue).",
+        "Catalogue items shown at least once over the catalogue (items users interacted with: "
+        "events other than impressions and skips); the share of served slots given to items outside "
+        "the head (the most-interacted items, head_share of the catalogue).",
         "WITH ranked AS (SELECT item_id, row_number() OVER (ORDER BY count() DESC, item_id) AS r "
-        "FROM {events} FINAL GROUP BY item_id), "
-        "(SELECT count() FROM ranked) AS catalogue, "
-        "(SELECT groupArray(item_id) FROM ranked "
-        "WHERE r <= greatest(1, toUInt64(ceil(catalogue * {head_share:Float64})))) AS head "
-        "SELECT uniqExact(item_id) AS served_items, catalogue, "
+        "FROM {events} FINAL WHERE type NOT IN ('impression', 'skip') GROUP BY item_id), "
+        "(SELECT count() FROM ranked) AS catalogue "
+        "SELECT uniqExactIf(item_id, item_id IN (SELECT item_id FROM ranked)) AS served_items, catalogue, "
         "round(served_items / greatest(catalogue, 1), 6) AS coverage, count() AS slots, "
-        "round(countIf(NOT has(head, item_id)) / greatest(slots, 1), 6) AS long_tail_share "
+        "round(countIf(item_id NOT IN (SELECT item_id FROM ranked "
+        "WHERE r <= greatest(1, toUInt64(ceil(catalogue * {head_share:Float64}))))) / greatest(slots, 1), 6) "
+        "AS long_tail_share "
         f"FROM {{impressions}} FINAL WHERE {_where('served_at')}",
         "impressions.served_at",
         "table",

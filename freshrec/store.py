@@ -305,7 +305,13 @@ def open_store(settings: Settings, *, migrate: bool = True) -> Store:
         if path and path != "memory":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
     try:
-        client = clickhouse_connect.get_client(dsn=dsn)
+        # No session: a server refuses overlapping queries within one session, and threads share a
+        # Store (the sinks and the lag sampler; the dashboard's routes in FastAPI's thread pool).
+        # Nothing here needs session state (temporary tables, SET).
+        if kind == "chdb":
+            client = clickhouse_connect.get_client(dsn=dsn)
+        else:
+            client = clickhouse_connect.get_client(dsn=dsn, autogenerate_session_id=False)
     except ClickHouseError as exc:
         if kind == "chdb" and _chdb_path_locked(Path(dsn.partition("://")[2])):
             raise StoreUnavailable(_LOCKED) from exc

@@ -137,7 +137,7 @@ class ServingIndex:
         query = torch.from_numpy(user)  # (D,)
         want = min(table.shape[0], n + len(exclude))
         # A bfloat16 scan with an fp32 re-score of a shortlist was measured too: no faster here
-        # (12.2 ms at 1M items either way; bench/serving_latency.py prints it), so it is not used.
+        # (12.0-12.1 ms at 1M items either way; bench/serving_latency.py prints it), so it is not used.
         values, positions = torch.topk(torch.mv(table, query), want)  # sorted, best first
         out: list[tuple[str, float]] = []
         for position, score in zip(positions.tolist(), values.tolist(), strict=True):

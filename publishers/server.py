@@ -16,6 +16,7 @@ replica), so each reads the whole stream: the price of the extra core.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -140,11 +141,18 @@ def serve(settings: Settings, *, workers: int, stop: threading.Event) -> int:
     One worker is this process. With more, this process binds the socket, forks the workers (before
     any thread of its own exists: forking a threaded process is unsafe), and supervises: if a worker
     dies, the others are stopped and the exit code is 1, so that an orchestrator restarts the whole
-    set (docker-compose: ``restart: unless-stopped``).
+    set (docker-compose: ``restart: unless-stopped``). Workers die with this process
+    (``PR_SET_PDEATHSIG``), and SIGINT/SIGTERM are held back across the fork so that none is lost
+    before a worker has its handlers.
     """
     if workers == 1:
         _run(_stack(settings), stop)
         return 0
+    assert threading.active_count() == 1, "fork the serving workers before starting any thread"
+    if not settings.dsn.startswith("chdb://"):
+        from freshrec.store import open_store
+
+        open_store(settings).close()  # migrate once here; the workers open theirs without migrating
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -154,46 +162,64 @@ def serve(settings: Settings, *, workers: int, stop: threading.Event) -> int:
     sock.listen(2048)
     context = multiprocessing.get_context("fork")
     children = [
-        context.Process(target=_worker, args=(settings, n, sock), name=f"freshrec-serve-{n}")
+        context.Process(target=_worker, args=(settings, n, sock, os.getpid()), name=f"freshrec-serve-{n}")
         for n in range(workers)
     ]
-    for child in children:
-        child.start()
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        for child in children:
+            child.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     logger.info("serving on %s:%d with %d worker processes", settings.api_host, settings.api_port, workers)
-    code = 0
+    crashed = False
     while not stop.wait(0.5):
         if any(not child.is_alive() for child in children):
-            logger.error(
-                "a serving worker exited (codes %s); stopping the others", [c.exitcode for c in children]
-            )
-            code = 1
+            codes = [child.exitcode for child in children]
+            logger.error("a serving worker exited (codes %s); stopping the others", codes)
+            crashed = True
             break
     for child in children:
         if child.is_alive():
-            os.kill(child.pid or 0, signal.SIGTERM)
+            child.terminate()  # SIGTERM: the worker stops its stack
+    deadline = time.monotonic() + 60
     for child in children:
-        child.join(60)
+        child.join(max(0.0, deadline - time.monotonic()))
         if child.is_alive():
+            logger.error("serving worker %s did not stop within 60 s; killing it", child.name)
             child.kill()
+            child.join()
     sock.close()
-    return code
+    failed = crashed or any(child.exitcode != 0 for child in children)
+    return 1 if failed else 0
 
 
-def _stack(settings: Settings, sock: socket.socket | None = None) -> ServingStack:
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _stack(settings: Settings, sock: socket.socket | None = None, *, migrate: bool = True) -> ServingStack:
     """A stack with the dashboard over a ClickHouse server (a chDB path belongs to `freshrec run`)."""
     from freshrec.store import open_store
 
-    store = None if settings.dsn.startswith("chdb://") else open_store(settings)
+    store = None if settings.dsn.startswith("chdb://") else open_store(settings, migrate=migrate)
     return ServingStack(settings, store=store, sock=sock)
 
 
-def _worker(settings: Settings, n: int, sock: socket.socket) -> None:
+def _worker(settings: Settings, n: int, sock: socket.socket, parent: int) -> None:
     """One forked worker: its own replica of everything, on the shared socket, until SIGTERM."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)  # stop with the supervisor, even after its kill -9
+    if os.getppid() != parent:  # it died before prctl took effect
+        return
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in _STOP_SIGNALS:
         signal.signal(signum, lambda *_: stop.set())
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # held back since the fork
     stream = settings.stream.model_copy(update={"worker_id": f"{settings.stream.worker_id}-{n}"})
-    _run(_stack(settings.model_copy(update={"stream": stream}), sock), stop)
+    _run(_stack(settings.model_copy(update={"stream": stream}), sock, migrate=False), stop)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _run(stack: ServingStack, stop: threading.Event) -> None:

@@ -5,12 +5,13 @@ offset. The dashboards read ClickHouse only, and the stream workers and serving 
 ClickHouse client, so the audit sink (which has both Kafka and ClickHouse) samples every group of
 this deployment beside its own work, every ``FRESHREC_SINK__LAG_INTERVAL_S`` seconds and once more
 when it stops: its own group and the impressions sink's (``<sink group>``, ``<sink group>.*``),
-the stream roles and the serving replicas (``<stream group>``, ``<stream group>.*``), on this
-deployment's topics (``FRESHREC_TOPIC_PREFIX``).
+the stream roles and the serving replicas (``<stream group>``, ``<stream group>.*``; a replica's
+group only while it has a member), on this deployment's topics (``FRESHREC_TOPIC_PREFIX``). Stream
+workers commit the offsets of each checkpoint once it is on disk, for this only.
 
 Sampling is best effort and never stops the sink: a failed sample is logged and the next one tried.
-A group's committed offsets trail its progress by up to its commit interval (1 s for the sink;
-stream workers commit with their checkpoints), so lag reads high by that much.
+A group's committed offsets trail its progress by up to its commit interval (1 s for the sink, the
+checkpoint interval for stream workers, 5 s by default), so lag reads high by that much.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka import ConsumerGroupState, ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka import admin as kafka_admin
 from confluent_kafka.admin import AdminClient
 
@@ -48,17 +49,21 @@ class LagRow:
         return max(0, self.end_offset - self.committed)
 
 
-def _ours(settings: Settings, group: str) -> bool:
-    return any(
+def _ours(settings: Settings, group: str, state: ConsumerGroupState) -> bool:
+    """This deployment's group. Serving replicas' groups count only while a member is in them: a
+    replica's group outlives the replica, and its lag would grow for ever after it is gone."""
+    if not any(
         group == prefix or group.startswith(f"{prefix}.")
         for prefix in (settings.sink.group_id, settings.stream.group_id)
-    )
+    ):
+        return False
+    return ".serve-" not in group or state != ConsumerGroupState.EMPTY
 
 
 def sample_lag(settings: Settings, admin: AdminClient, *, timeout_s: float = 10.0) -> list[LagRow]:
     """One sample: every partition this deployment's groups have committed offsets for."""
     listed = admin.list_consumer_groups(request_timeout=timeout_s).result()
-    groups = sorted(g.group_id for g in listed.valid if _ours(settings, g.group_id))
+    groups = sorted(g.group_id for g in listed.valid if _ours(settings, g.group_id, g.state))
     committed: dict[tuple[str, str, int], int] = {}
     for group in groups:
         futures = admin.list_consumer_group_offsets(
@@ -117,11 +122,12 @@ class LagSampler:
         return rows
 
     def run(self) -> None:
-        """Sample now, then every ``interval_s`` until :meth:`stop`, and once more when stopped."""
+        """Sample now, then every ``interval_s`` until :meth:`stop`, and once more when stopped
+        (after the sinks' last commits)."""
         self._sample_logged()
-        while not self._stop.is_set():
-            self._stop.wait(self._interval_s)
+        while not self._stop.wait(self._interval_s):
             self._sample_logged()
+        self._sample_logged()
 
     def _sample_logged(self) -> None:
         try:

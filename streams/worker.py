@@ -7,6 +7,9 @@ the worker loads it and seeks every assigned partition to the checkpointed offse
 after the checkpoint are applied exactly once more, and since the counters' final state does not
 depend on batching or order (see :mod:`streams.counters`), the result equals an uninterrupted run's.
 Kafka's committed offsets are not used for this: they could never be atomic with a local file.
+After each checkpoint is on disk the worker commits its offsets to Kafka asynchronously, for
+monitoring only (``consumer_lag``, :mod:`streams.lag`): positions always come from the checkpoint,
+or the beginning of the partition without one, never from the committed offsets.
 
 Why a local file rather than ClickHouse or a compacted topic: the checkpoint is the worker's
 private, fast, whole-state snapshot (tens of MB of numpy arrays), written every few seconds and read
@@ -60,7 +63,7 @@ from types import FrameType
 from typing import Any
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 
 from freshrec.errors import ConfigError, InvalidEvent
 from freshrec.events import Event, parse_event
@@ -259,6 +262,9 @@ class StreamWorker:
         self._checkpoint_s = 0.0  # what the last checkpoint's snapshot cost the worker thread
         self._writer: threading.Thread | None = None
         self._child: int | None = None  # pid of a forked checkpoint writer still running
+        self._consumer: Consumer | None = None
+        self._written: dict[tuple[str, int], int] | None = None  # offsets of the checkpoint being written
+        self._write_ok = False  # the thread writer (no fork) succeeded
         self._newest_ms: int | None = None  # newest event time applied (the TTL's clock)
         self._closing = False
 
@@ -292,6 +298,7 @@ class StreamWorker:
         # The counters role also reads the decision log: served impressions feed the CTR posteriors.
         topics = [self._topic, self._impressions] if "counters" in self.roles else [self._topic]
         consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self._consumer = consumer
         last_message = last_checkpoint = time.monotonic()
         try:
             while not self._stop.is_set():
@@ -315,6 +322,7 @@ class StreamWorker:
         finally:
             self._previous_checkpoint_done(wait=True)
             self._closing = True  # the revoke that close() triggers is not a move
+            self._consumer = None
             consumer.close()
         return self.stats
 
@@ -336,6 +344,7 @@ class StreamWorker:
             ttl_s, newest = self._settings.stream.user_ttl_s, self._newest_ms
             if ttl_s is not None and newest is not None:
                 self.state.histories.expire(before_ms=newest - int(ttl_s * 1000))
+            self._written = dict(self.state.offsets)
             if _CAN_FORK:
                 self._child = _fork_writer(self.store, self.state)
             else:
@@ -344,8 +353,10 @@ class StreamWorker:
         if not _CAN_FORK:
 
             def write() -> None:
+                self._write_ok = False
                 self.store.save(state)
                 self.stats.checkpoints += 1
+                self._write_ok = True
 
             self._writer = threading.Thread(target=write, name="freshrec-checkpoint")
             self._writer.start()
@@ -359,6 +370,10 @@ class StreamWorker:
             if not wait:
                 return False
             writer.join()
+        if writer is not None:
+            self._writer = None
+            if self._write_ok:
+                self._commit_written(wait=wait)
         if self._child is not None:
             pid, status = os.waitpid(self._child, 0 if wait else os.WNOHANG)
             if pid == 0:
@@ -366,11 +381,28 @@ class StreamWorker:
             self._child = None
             if os.waitstatus_to_exitcode(status) == 0:
                 self.stats.checkpoints += 1
+                self._commit_written(wait=wait)
             else:
                 # The previous file stays (the rename is the commit): no state is lost, the next
                 # checkpoint tries again.
                 logger.error("checkpoint writer exited with %d", os.waitstatus_to_exitcode(status))
         return True
+
+    def _commit_written(self, *, wait: bool) -> None:
+        """Tell Kafka the offsets of the checkpoint now on disk: for monitoring (consumer lag) only,
+        never read back (see the module docstring). Best effort: a failed commit costs nothing."""
+        offsets, consumer = self._written, self._consumer
+        self._written = None
+        if not offsets or consumer is None:
+            return
+        partitions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        try:
+            if wait:
+                consumer.commit(offsets=partitions, asynchronous=False)
+            else:
+                consumer.commit(offsets=partitions, asynchronous=True)
+        except KafkaException as exc:
+            logger.debug("advisory offset commit failed: %s", exc)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Idleness counts from the (re)assignment: a slow group join is not an empty topic.

@@ -44,6 +44,8 @@ def test_two_workers_share_the_port_and_stop_together(settings: Settings) -> Non
     process = _start(settings, port, 2)
     try:
         assert _workers_seen(port) == {"0-0", "0-1"}
+        children = _children(process.pid)
+        assert len(children) == 2
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
             response = http.get("/v1/recommendations/someone", params={"k": 5})
             assert response.status_code == 200 and response.json()["user_id"] == "someone"
@@ -53,6 +55,7 @@ def test_two_workers_share_the_port_and_stop_together(settings: Settings) -> Non
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0, err[-2000:]
+    assert not any(Path(f"/proc/{pid}").exists() for pid in children)  # the workers are gone too
 
 
 def test_a_dead_worker_stops_the_set_with_exit_code_1(settings: Settings) -> None:
@@ -60,8 +63,8 @@ def test_a_dead_worker_stops_the_set_with_exit_code_1(settings: Settings) -> Non
     process = _start(settings, port, 2)
     try:
         _workers_seen(port)
-        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
-        assert len(children) >= 2
+        children = _children(process.pid)
+        assert len(children) == 2
         subprocess.run(["kill", "-9", children[0]], check=True)
         _, err = process.communicate(timeout=90)
     finally:
@@ -69,3 +72,30 @@ def test_a_dead_worker_stops_the_set_with_exit_code_1(settings: Settings) -> Non
             process.kill()
     assert process.returncode == 1, err[-2000:]
     assert "a serving worker exited" in err
+    assert not Path(f"/proc/{children[1]}").exists()  # the other one was stopped
+
+
+def test_the_workers_die_with_a_killed_supervisor(settings: Settings) -> None:
+    port, _ = free_port_pair()
+    process = _start(settings, port, 2)
+    try:
+        _workers_seen(port)
+        children = _children(process.pid)
+        process.kill()
+        process.communicate(timeout=30)
+        wait_until(lambda: not any(_alive(pid) for pid in children), timeout_s=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def _children(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+
+
+def _alive(pid: str) -> bool:
+    """Running, not a zombie waiting for a reaper."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False

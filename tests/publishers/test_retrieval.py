@@ -1,4 +1,4 @@
-"""Retrieval: row ages across versions, the confident index, and exact top-n in both precisions."""
+"""Retrieval: row ages across versions, the confident index, and the exact top-n."""
 
 from __future__ import annotations
 

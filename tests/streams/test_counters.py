@@ -149,7 +149,11 @@ def test_top_rows_is_exact_with_ties_by_row(values: list[float], k: int, repeat:
     assert top_rows(array, k).tolist() == expected
 
 
-def test_top_rows_on_a_long_skewed_array_takes_the_sampled_path_and_stays_exact() -> None:
+def test_top_rows_on_long_skewed_and_sparse_arrays_is_exact() -> None:
     values = np.random.default_rng(0).zipf(1.3, size=1_000_000).astype(np.float64)
     expected = np.lexsort((np.arange(len(values)), -values))[:200]
     assert top_rows(values, 200).tolist() == expected.tolist()
+    sparse = np.zeros(1_000_000)  # mostly zeros: the cut ties with most rows
+    sparse[np.random.default_rng(1).choice(1_000_000, 50, replace=False)] = 3.0
+    expected = np.lexsort((np.arange(len(sparse)), -sparse))[:200]
+    assert top_rows(sparse, 200).tolist() == expected.tolist()

@@ -14,6 +14,7 @@ from streams import sink
 from streams.admin import ensure_topics
 from streams.lag import LagSampler
 from streams.producer import EventProducer
+from streams.worker import StreamWorker
 
 EVENTS = 200
 
@@ -68,3 +69,12 @@ def test_a_sample_with_no_committed_group_stores_nothing(settings: Settings, sto
     assert sampler.sample() == [] and sampler.samples == 1
     ((count,),) = store.rows(f"SELECT count() FROM {store.table('consumer_lag')}")
     assert count == 0
+
+
+def test_a_stream_worker_reports_its_checkpointed_offsets(settings: Settings, store: Store) -> None:
+    _produce(settings)
+    StreamWorker(settings).run(until_idle_s=1.0)  # its final checkpoint commits, advisory
+    rows = LagSampler(settings=settings, store=store, interval_s=60).sample()
+    mine = [r for r in rows if r.consumer_group == settings.stream.effective_group_id]
+    assert sum(r.committed for r in mine if r.topic == settings.topics.events) == EVENTS
+    assert sum(r.lag for r in mine) == 0
