@@ -60,6 +60,12 @@ def test_run_without_until_idle_hosts_the_api_and_the_fine_tune(settings: Settin
             wait_until(published, timeout_s=180, interval_s=0.5)
             body = http.get("/v1/recommendations/1", params={"k": 5}).json()
             assert body["model_version"] >= 1 and len(body["items"]) == 5
+            # The dashboard reads this process's chDB path through a second client.
+            panel = http.get("/v1/dashboard/events_by_type").json()
+            bucket_s = panel["parameters"]["bucket_s"]
+            ratings = sum(rate for _, kind, rate in panel["rows"] if kind == "rating") * bucket_s / 60
+            assert round(ratings) == 100_000
+            assert http.get("/dashboard").status_code == 200
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=90)
     finally:
