@@ -122,7 +122,12 @@ class StreamSettings(BaseModel):
     half_life_s: float = Field(86_400.0, gt=0, description="Half-life of decayed counts.")
     windows_s: tuple[int, ...] = Field((3_600, 86_400, 604_800), description="Windowed-count lengths.")
     window_buckets: int = Field(60, ge=1, le=3_600, description="Tumbling buckets per window.")
-    max_items: int = Field(1_000_000, ge=1, description="Items with counters; more are counted as overflow.")
+    max_items: int = Field(
+        1_000_000,
+        ge=1,
+        description="Items with counters. At the cap the least recently seen items (1% at a time) are "
+        "cleared to make room for new ones.",
+    )
     history_len: int = Field(50, ge=1, le=10_000, description="Recent events kept per user.")
     user_ttl_s: float | None = Field(
         None, gt=0, description="Forget users idle this long in event time (off: exact replays)."

@@ -21,11 +21,17 @@ though batches and partition interleavings differ between runs:
   Exact.
 
 Memory: three arrays of ``max_types x items`` plus one per window, growing by doubling up to
-``max_items``; items past the cap are counted in :attr:`IdMap.overflow` and otherwise ignored.
+``max_items``. **At the cap, the least recently seen items make room**: when a batch brings items
+that do not fit, the rows of the items with the oldest last event (by the newest event time of the
+batch that last touched them), at least 1% of ``max_items`` at a time, are cleared (every count,
+and their window records) and reused. Below the cap the state is exact and order-independent as
+described; once items are evicted it depends on which items were evicted, and so on arrival order.
 """
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Final
@@ -40,6 +46,8 @@ __all__ = ["CounterConfig", "ItemCounters", "top_rows"]
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
 
+_EVICT_FRACTION: Final = 0.01  # rows freed at once when the item map is full
+_NEWEST: Final = 1024  # first-seen items remembered for newest()
 _MAX_EXPONENT: Final = 256.0  # rescale before 2^((ts-L)/h) exceeds 2^256 (float64 tops out near 2^1024)
 
 
@@ -50,7 +58,7 @@ class CounterConfig:
     half_life_s: float = 86_400.0  # decayed counts halve every day
     windows_s: tuple[int, ...] = (3_600, 86_400, 604_800)  # last hour, day, week
     buckets: int = 60  # each window is 60 tumbling buckets (1 min for the hour, 24 min for the day)
-    max_items: int = 1_000_000  # rows; items beyond are counted as overflow and ignored
+    max_items: int = 1_000_000  # rows; at the cap the least recently seen items are evicted
     max_types: int = 16  # distinct event types
 
     def __post_init__(self) -> None:
@@ -80,6 +88,9 @@ class ItemCounters:
         self._total: IntArray
         self._forward: FloatArray
         self._windows: list[IntArray]
+        self._last_ts: IntArray  # per row: newest event time of the last batch that touched it
+        self._newest: deque[str] = deque(maxlen=_NEWEST)  # first-seen order, newest last
+        self.evicted = 0
         self._alloc(1024, keep=False)
 
     # ------------------------------------------------------------------ writing
@@ -88,7 +99,16 @@ class ItemCounters:
         """Count one batch of events (parallel sequences of item id, event type and event time)."""
         if not len(items):
             return
-        rows = self.items.rows(items)
+        new: list[str] = []
+        rows = self.items.rows(items, new=new)
+        missing = rows < 0
+        if missing.any():  # the map is full: free the least recently seen rows, then map again
+            lost = [items[i] for i in np.flatnonzero(missing).tolist()]
+            self.items.overflow -= len(lost)
+            wanted = max(len(set(lost)), math.ceil(_EVICT_FRACTION * self.config.max_items))
+            self._evict(wanted, keep=rows[~missing])
+            rows[missing] = self.items.rows(lost, new=new)
+        self._newest.extend(new)
         kinds = self.types.rows(types)
         ts = np.asarray(ts_ms, dtype=np.int64)
         keep = (rows >= 0) & (kinds >= 0)
@@ -99,6 +119,7 @@ class ItemCounters:
         if not len(rows):
             return
         np.add.at(self._total, (kinds, rows), 1)
+        self._last_ts[rows] = int(ts.max())  # a batch's clock: cheap, and enough to rank staleness
         self._update_decayed(kinds, rows, ts)
         for index in range(len(self._widths_ms)):
             self._update_window(index, kinds, rows, ts)
@@ -142,21 +163,61 @@ class ItemCounters:
             chosen = order[start:end]
             pending.setdefault(int(sorted_buckets[start]), []).append((kinds[chosen], rows[chosen]))
 
+    def _evict(self, count: int, *, keep: IntArray) -> None:
+        """Clear and free the ``count`` mapped rows with the oldest last event, sparing ``keep``."""
+        n = len(self.items)
+        staleness = -self._last_ts[:n].astype(np.float64)  # the oldest scores highest
+        staleness[keep] = -np.inf
+        staleness[[row for row, key in enumerate(self.items.ids()) if not key]] = -np.inf
+        rows = top_rows(staleness, count)
+        rows = rows[np.isfinite(staleness[rows])]
+        if not len(rows):
+            return
+        self._total[:, rows] = 0
+        self._forward[:, rows] = 0.0
+        for window in self._windows:
+            window[:, rows] = 0
+        for pending in self._pending:  # their window records must not be subtracted from a new item
+            for bucket, records in pending.items():
+                kept = []
+                for kinds, record_rows in records:
+                    alive = ~np.isin(record_rows, rows)
+                    kept.append(
+                        (kinds[alive], record_rows[alive]) if not alive.all() else (kinds, record_rows)
+                    )
+                pending[bucket] = kept
+        self._last_ts[rows] = np.iinfo(np.int64).min
+        self.items.evict(rows.tolist())
+        self.evicted += len(rows)
+
     def _alloc(self, capacity: int, *, keep: bool = True) -> None:
         capacity = min(max(capacity, 1), self.config.max_items)
         shape = (self.config.max_types, capacity)
         total = np.zeros(shape, dtype=np.int64)
         forward = np.zeros(shape, dtype=np.float64)
         windows = [np.zeros(shape, dtype=np.int64) for _ in self._widths_ms]
+        last_ts = np.full(capacity, np.iinfo(np.int64).min, dtype=np.int64)
         if keep:
             used = self._total.shape[1]
             total[:, :used] = self._total
             forward[:, :used] = self._forward
             for new, old in zip(windows, self._windows, strict=True):
                 new[:, :used] = old
+            last_ts[:used] = self._last_ts
         self._total, self._forward, self._windows = total, forward, windows
+        self._last_ts = last_ts
 
     # ------------------------------------------------------------------ reading
+
+    def newest(self, n: int) -> list[str]:
+        """The ``n`` items seen first most recently (still counted), newest first."""
+        out: list[str] = []
+        for item in reversed(self._newest):
+            if item in self.items:
+                out.append(item)
+                if len(out) == n:
+                    break
+        return out
 
     @property
     def now_ms(self) -> int | None:
@@ -194,7 +255,8 @@ class ItemCounters:
     def top(
         self, k: int, kind: str | int = "total", event_type: str | None = None
     ) -> list[tuple[str, float]]:
-        """The ``k`` items with the highest score, best first (ties by first appearance)."""
+        """The ``k`` items with the highest score, best first (ties by row: first appearance, or the
+        evicted row an item reused)."""
         values = self.scores(kind, event_type)
         if not len(values) or k <= 0:
             return []
@@ -242,6 +304,9 @@ class ItemCounters:
             "landmark_ms": self._landmark_ms,
             "max_ts_ms": self._max_ts_ms,
             "watermarks": list(self._watermarks),
+            "last_ts": self._last_ts[:n].copy(),
+            "newest": list(self._newest),
+            "evicted": self.evicted,
             "pending": [
                 {bucket: [(k.copy(), r.copy()) for k, r in records] for bucket, records in p.items()}
                 for p in self._pending
@@ -263,6 +328,13 @@ class ItemCounters:
         self._landmark_ms = state["landmark_ms"]
         self._max_ts_ms = state["max_ts_ms"]
         self._watermarks = list(state["watermarks"])
+        if "last_ts" in state:  # checkpoints written before eviction existed lack these
+            self._last_ts[:n] = state["last_ts"]
+            self._newest.extend(state["newest"])
+            self.evicted = int(state["evicted"])
+        else:
+            self._last_ts[:n] = state["max_ts_ms"] or 0
+            self._newest.extend(self.items.ids()[-_NEWEST:])
         self._pending = [
             {int(bucket): [(k.copy(), r.copy()) for k, r in records] for bucket, records in p.items()}
             for p in state["pending"]

@@ -83,8 +83,7 @@ class StateReader:
     def newest(self, n: int) -> list[str]:
         """The ``n`` items the stream saw first most recently (new arrivals), newest first."""
         with (worker := self._keeper("counters")).lock:
-            items = worker.state.counters.items
-            return [items.id_of(row) for row in range(len(items) - 1, max(-1, len(items) - 1 - n), -1)]
+            return worker.state.counters.newest(n)
 
     def related(self, recent: Sequence[str], n: int, *, exclude: set[str]) -> list[tuple[str, float]]:
         """Top-``n`` items by summed co-occurrence with ``recent`` items, ``exclude`` left out."""

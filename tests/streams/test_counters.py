@@ -136,6 +136,36 @@ def test_caps_bound_memory_and_count_the_overflow() -> None:
     assert restored.top(3) == counters.top(3) and restored.windowed("i0", 60) == counters.windowed("i0", 60)
 
 
+def test_at_the_cap_the_least_recently_seen_items_make_room() -> None:
+    counters = ItemCounters(CounterConfig(max_items=4, windows_s=(60,), buckets=6))  # 10 s buckets
+    counters.update(["a", "b"], ["view"] * 2, [1_000, 1_000])
+    counters.update(["c", "d"], ["view"] * 2, [2_000, 2_000])
+    counters.update(["a"], ["view"], [3_000])  # a is recent again: b is now the stalest
+    b_row = counters.items.lookup("b")
+    counters.update(["e"], ["click"], [4_000])  # full: b's row is cleared and given to e
+    assert "b" not in counters.items and counters.items.lookup("e") == b_row
+    assert counters.total("b") == 0 and counters.total("e") == 1 and counters.total("e", "view") == 0
+    assert counters.decayed("e", "view") == 0.0 and counters.windowed("e", 60) == 1
+    assert counters.evicted == 1 and counters.items.overflow == 0
+    assert counters.newest(3) == ["e", "d", "c"]
+    restored = ItemCounters()
+    restored.load_state_dict(counters.state_dict())
+    # b's window record went with it: when that bucket expires, e's count is not taken down twice.
+    for state in (counters, restored):
+        state.update(["a", "f"], ["view"] * 2, [200_000, 200_000])  # f evicts c (d ties, higher row)
+        assert state.windowed("e", 60) == 0 and state.windowed("a", 60) == 1
+        assert "c" not in state.items and state.total("f") == 1 and state.evicted == 2
+        assert state.top(10) == [("a", 3.0), ("e", 1.0), ("f", 1.0), ("d", 1.0)]  # ties by row
+
+
+def test_an_evicting_batch_never_evicts_its_own_items() -> None:
+    counters = ItemCounters(CounterConfig(max_items=3, windows_s=(60,), buckets=6))
+    counters.update(["x", "y", "z"], ["view"] * 3, [1, 2, 3])
+    counters.update(["x", "new1", "new2"], ["view"] * 3, [10, 10, 10])  # x stays: it is in the batch
+    assert set(counters.items.ids()) == {"x", "new1", "new2"}
+    assert counters.total("x") == 2 and counters.items.overflow == 0
+
+
 @given(
     st.lists(st.sampled_from([0.0, 0.0, 0.5, 1.0, 2.0, 3.25, 7.0, 1e9]), min_size=1, max_size=400),
     st.integers(min_value=0, max_value=60),
