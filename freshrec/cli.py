@@ -244,7 +244,7 @@ def stream(until_idle: float | None, top: int, roles: tuple[str, ...], as_json: 
         "counted": stats.counted,
         "invalid": stats.invalid,
         "duplicates": stats.duplicates,
-        "items": len(counters.items),
+        "items": counters.items.used,
         "counter_bytes": counters.nbytes(),
         "checkpoint": str(worker.store.path),
         "top_total": counters.top(top),

@@ -47,7 +47,7 @@ IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
 
 _EVICT_FRACTION: Final = 0.01  # rows freed at once when the item map is full
-_NEWEST: Final = 1024  # first-seen items remembered for newest()
+_NEWEST: Final = 16_384  # first-seen items remembered for newest() (serving asks for <= 10,000)
 _MAX_EXPONENT: Final = 256.0  # rescale before 2^((ts-L)/h) exceeds 2^256 (float64 tops out near 2^1024)
 
 
@@ -101,6 +101,8 @@ class ItemCounters:
             return
         new: list[str] = []
         rows = self.items.rows(items, new=new)
+        if len(self.items) > self._total.shape[1]:  # before any eviction: it reads every used row
+            self._alloc(max(len(self.items), 2 * self._total.shape[1]))
         missing = rows < 0
         if missing.any():  # the map is full: free the least recently seen rows, then map again
             lost = [items[i] for i in np.flatnonzero(missing).tolist()]
@@ -114,8 +116,6 @@ class ItemCounters:
         keep = (rows >= 0) & (kinds >= 0)
         if not keep.all():
             rows, kinds, ts = rows[keep], kinds[keep], ts[keep]
-        if len(self.items) > self._total.shape[1]:
-            self._alloc(max(len(self.items), 2 * self._total.shape[1]))
         if not len(rows):
             return
         np.add.at(self._total, (kinds, rows), 1)
@@ -167,8 +167,7 @@ class ItemCounters:
         """Clear and free the ``count`` mapped rows with the oldest last event, sparing ``keep``."""
         n = len(self.items)
         staleness = -self._last_ts[:n].astype(np.float64)  # the oldest scores highest
-        staleness[keep] = -np.inf
-        staleness[[row for row, key in enumerate(self.items.ids()) if not key]] = -np.inf
+        staleness[keep] = -np.inf  # (no row is free here: eviction runs only when none is left)
         rows = top_rows(staleness, count)
         rows = rows[np.isfinite(staleness[rows])]
         if not len(rows):
@@ -177,14 +176,17 @@ class ItemCounters:
         self._forward[:, rows] = 0.0
         for window in self._windows:
             window[:, rows] = 0
+        dead = np.zeros(n, dtype=bool)
+        dead[rows] = True
         for pending in self._pending:  # their window records must not be subtracted from a new item
             for bucket, records in pending.items():
                 kept = []
                 for kinds, record_rows in records:
-                    alive = ~np.isin(record_rows, rows)
-                    kept.append(
-                        (kinds[alive], record_rows[alive]) if not alive.all() else (kinds, record_rows)
-                    )
+                    gone = dead[record_rows]
+                    if not gone.any():
+                        kept.append((kinds, record_rows))
+                    elif not gone.all():
+                        kept.append((kinds[~gone], record_rows[~gone]))
                 pending[bucket] = kept
         self._last_ts[rows] = np.iinfo(np.int64).min
         self.items.evict(rows.tolist())
@@ -212,8 +214,12 @@ class ItemCounters:
     def newest(self, n: int) -> list[str]:
         """The ``n`` items seen first most recently (still counted), newest first."""
         out: list[str] = []
-        for item in reversed(self._newest):
-            if item in self.items:
+        seen: set[str] = set()
+        if n <= 0:
+            return out
+        for item in reversed(self._newest):  # an item evicted and seen again is in it twice
+            if item in self.items and item not in seen:
+                seen.add(item)
                 out.append(item)
                 if len(out) == n:
                     break

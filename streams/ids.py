@@ -55,6 +55,8 @@ class IdMap:
         row = self._rows.get(key)
         if row is not None:
             return row
+        if not key:
+            raise ValueError("ids must be non-empty strings ('' marks a freed row)")
         if self._free:
             row = heapq.heappop(self._free)
             self._rows[key] = row

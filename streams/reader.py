@@ -123,7 +123,7 @@ class StateReader:
         out: dict[str, int] = {}
         if (counters := self._by_role.get("counters")) is not None:
             with counters.lock:
-                out["counter_items"] = len(counters.state.counters.items)
+                out["counter_items"] = counters.state.counters.items.used
                 out["counter_bytes"] = counters.state.counters.nbytes()
         if (sequences := self._by_role.get("sequences")) is not None:
             with sequences.lock:

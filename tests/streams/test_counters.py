@@ -158,6 +158,22 @@ def test_at_the_cap_the_least_recently_seen_items_make_room() -> None:
         assert state.top(10) == [("a", 3.0), ("e", 1.0), ("f", 1.0), ("d", 1.0)]  # ties by row
 
 
+def test_a_batch_that_crosses_the_cap_before_the_arrays_grew_evicts_cleanly() -> None:
+    counters = ItemCounters(CounterConfig(max_items=1500, windows_s=(60,), buckets=6))
+    counters.update([f"i{j}" for j in range(1000)], ["view"] * 1000, [1000] * 1000)
+    counters.update([f"k{j}" for j in range(600)], ["view"] * 600, [2000] * 600)  # 100 do not fit
+    assert counters.items.used == 1500 and counters.items.overflow == 0
+    assert all(counters.total(f"k{j}") == 1 for j in range(600))
+    assert counters.evicted == 100 and sum(counters.total(f"i{j}") for j in range(1000)) == 900
+
+
+def test_newest_lists_each_item_once() -> None:
+    counters = ItemCounters(CounterConfig(max_items=2, windows_s=(60,), buckets=6))
+    for n, item in enumerate("abca"):  # a is evicted by c, then comes back
+        counters.update([item], ["view"], [1000 * (n + 1)])
+    assert counters.newest(5) == ["a", "c"] and counters.newest(0) == []
+
+
 def test_an_evicting_batch_never_evicts_its_own_items() -> None:
     counters = ItemCounters(CounterConfig(max_items=3, windows_s=(60,), buckets=6))
     counters.update(["x", "y", "z"], ["view"] * 3, [1, 2, 3])
