@@ -7,7 +7,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import orjson
 
@@ -77,3 +79,20 @@ def wait_until(predicate: Callable[[], bool], *, timeout_s: float, interval_s: f
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout_s} s")
         time.sleep(interval_s)
+
+
+@contextmanager
+def chdb_path_held(path: Path) -> Iterator[None]:
+    """Another process holding the chDB ``path`` open (as ``freshrec run`` would) for the block."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         f"import clickhouse_connect, time; c = clickhouse_connect.get_client(dsn='chdb://{path}'); "
+         "c.query('SELECT 1'); print('ready', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        yield
+    finally:
+        holder.kill()
+        holder.communicate()

@@ -12,8 +12,6 @@ import base64
 import gzip
 import math
 import re
-import subprocess
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -25,7 +23,7 @@ from typing import Any
 import matplotlib.image
 import orjson
 import pytest
-from support import cli_env, freshrec_cli
+from support import chdb_path_held, cli_env, freshrec_cli
 
 from freshrec.errors import ConfigError
 from freshrec.queries import QUERIES
@@ -358,17 +356,7 @@ def test_cli_rejects_a_bad_window_as_a_usage_error(settings: Settings, tmp_path:
 
 def test_cli_says_when_another_process_holds_the_chdb_path(settings: Settings, tmp_path: Path) -> None:
     path = tmp_path / "held"
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         f"import clickhouse_connect, time; c = clickhouse_connect.get_client(dsn='chdb://{path}'); "
-         "c.query('SELECT 1'); print('ready', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+    with chdb_path_held(path):
         env = cli_env(settings, dsn=f"chdb://{path}")
         result = freshrec_cli("report", "--out", str(tmp_path / "r"), env=env, check=False)
         assert result.returncode == 1 and "open in another process" in result.stderr
-    finally:
-        holder.kill()
-        holder.communicate()

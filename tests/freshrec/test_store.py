@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from support import cli_env, freshrec_cli
+from support import chdb_path_held, cli_env, freshrec_cli
 
 from freshrec.settings import Settings
 from freshrec.store import MIGRATIONS, Store, open_store
@@ -39,20 +37,10 @@ def test_events_collapse_on_event_id_with_final(store: Store) -> None:
 
 def test_a_chdb_path_held_by_another_process_gives_a_clear_error(settings: Settings, tmp_path: Path) -> None:
     path = tmp_path / "held"
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         f"import clickhouse_connect, time; c = clickhouse_connect.get_client(dsn='chdb://{path}'); "
-         "c.query('SELECT 1'); print('ready', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+    with chdb_path_held(path):
         result = freshrec_cli("sql", "SELECT 1", env=cli_env(settings, dsn=f"chdb://{path}"), check=False)
         assert result.returncode == 1
         assert "open in another process" in result.stderr
-    finally:
-        holder.kill()
-        holder.communicate()
 
 
 def test_freshrec_sql_prints_rows_as_json_and_tables(settings: Settings, tmp_path: Path) -> None:
