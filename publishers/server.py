@@ -16,7 +16,6 @@ replica), so each reads the whole stream: the price of the extra core.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
 import os
@@ -29,6 +28,7 @@ import torch
 import uvicorn
 
 from freshrec.errors import ConfigError
+from freshrec.processes import die_with_parent
 from freshrec.settings import Settings
 from freshrec.store import Store
 from publishers.api import create_app
@@ -207,9 +207,7 @@ def _stack(settings: Settings, sock: socket.socket | None = None, *, migrate: bo
 
 def _worker(settings: Settings, n: int, sock: socket.socket, parent: int) -> None:
     """One forked worker: its own replica of everything, on the shared socket, until SIGTERM."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)  # stop with the supervisor, even after its kill -9
-    if os.getppid() != parent:  # it died before prctl took effect
+    if not die_with_parent(parent, signal.SIGTERM):  # stop with the supervisor, even after kill -9
         return
     stop = threading.Event()
     for signum in _STOP_SIGNALS:
@@ -217,9 +215,6 @@ def _worker(settings: Settings, n: int, sock: socket.socket, parent: int) -> Non
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # held back since the fork
     stream = settings.stream.model_copy(update={"worker_id": f"{settings.stream.worker_id}-{n}"})
     _run(_stack(settings.model_copy(update={"stream": stream}), sock, migrate=False), stop)
-
-
-_PR_SET_PDEATHSIG = 1
 
 
 def _run(stack: ServingStack, stop: threading.Event) -> None:

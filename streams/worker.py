@@ -46,7 +46,6 @@ Why confluent-kafka and not faust here: this is the per-event hot path; see ``do
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import pickle
@@ -67,6 +66,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message,
 
 from freshrec.errors import ConfigError, InvalidEvent
 from freshrec.events import Event, parse_event
+from freshrec.processes import die_with_parent
 from freshrec.settings import Settings
 from learners.base import Head
 from learners.ctr import EngagementHead
@@ -179,7 +179,6 @@ class CheckpointStore:
 
 
 _CAN_FORK = sys.platform == "linux"
-_PR_SET_PDEATHSIG = 1
 
 
 def _fork_writer(store: CheckpointStore, state: StreamState) -> int:
@@ -197,9 +196,7 @@ def _fork_writer(store: CheckpointStore, state: StreamState) -> int:
         return pid
     code = 1
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the worker died before prctl took effect
+        if not die_with_parent(parent, signal.SIGKILL):  # the worker died before the fork's request
             os._exit(1)
         store.save(state.state_dict())
         code = 0
