@@ -5,6 +5,8 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -13,15 +15,28 @@ from support import cli_env, free_port_pair, wait_until
 from freshrec.settings import Settings
 
 
-def _start(settings: Settings, port: int, workers: int) -> subprocess.Popen[str]:
+@contextmanager
+def _serving(settings: Settings, workers: int) -> Iterator[tuple[subprocess.Popen[str], int, list[str]]]:
+    """``freshrec serve --workers N`` running, both workers answering: (process, port, worker pids).
+    Killed on the way out if the test left it running."""
+    port, _ = free_port_pair()
     env = cli_env(settings) | {"FRESHREC_API_PORT": str(port)}
-    return subprocess.Popen(
+    process = subprocess.Popen(
         [sys.executable, "-m", "freshrec", "serve", "--workers", str(workers)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    try:
+        assert _workers_seen(port) == {f"0-{n}" for n in range(workers)}
+        children = _children(process.pid)
+        assert len(children) == workers
+        yield process, port, children
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
 
 
 def _workers_seen(port: int) -> set[str]:
@@ -40,53 +55,30 @@ def _workers_seen(port: int) -> set[str]:
 
 
 def test_two_workers_share_the_port_and_stop_together(settings: Settings) -> None:
-    port, _ = free_port_pair()
-    process = _start(settings, port, 2)
-    try:
-        assert _workers_seen(port) == {"0-0", "0-1"}
-        children = _children(process.pid)
-        assert len(children) == 2
+    with _serving(settings, 2) as (process, port, children):
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
             response = http.get("/v1/recommendations/someone", params={"k": 5})
             assert response.status_code == 200 and response.json()["user_id"] == "someone"
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=90)
-    finally:
-        if process.poll() is None:
-            process.kill()
     assert process.returncode == 0, err[-2000:]
     assert not any(Path(f"/proc/{pid}").exists() for pid in children)  # the workers are gone too
 
 
 def test_a_dead_worker_stops_the_set_with_exit_code_1(settings: Settings) -> None:
-    port, _ = free_port_pair()
-    process = _start(settings, port, 2)
-    try:
-        _workers_seen(port)
-        children = _children(process.pid)
-        assert len(children) == 2
+    with _serving(settings, 2) as (process, _, children):
         subprocess.run(["kill", "-9", children[0]], check=True)
         _, err = process.communicate(timeout=90)
-    finally:
-        if process.poll() is None:
-            process.kill()
     assert process.returncode == 1, err[-2000:]
     assert "a serving worker exited" in err
     assert not Path(f"/proc/{children[1]}").exists()  # the other one was stopped
 
 
 def test_the_workers_die_with_a_killed_supervisor(settings: Settings) -> None:
-    port, _ = free_port_pair()
-    process = _start(settings, port, 2)
-    try:
-        _workers_seen(port)
-        children = _children(process.pid)
+    with _serving(settings, 2) as (process, _, children):
         process.kill()
         process.communicate(timeout=30)
         wait_until(lambda: not any(_alive(pid) for pid in children), timeout_s=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
 
 
 def _children(pid: int) -> list[str]:
