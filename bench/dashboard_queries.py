@@ -91,24 +91,31 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    home = Path(tempfile.mkdtemp(prefix="freshrec-bench-dash-"))
+    with tempfile.TemporaryDirectory(prefix="freshrec-bench-dash-") as tmp:
+        run(Path(tmp), args.events, args.days, args.repeats)
+
+
+def run(home: Path, sizes: list[int], days: int, repeats: int) -> None:
     store = open_store(Settings(home=home))  # chDB: one path per process, one database per size
-    rng = np.random.default_rng(0)
-    print(f"chDB at {home}; median of {args.repeats} after a warm-up; ms, and x the baseline")
-    for events in args.events:
-        database = f"bench_{events}"
-        sized = Store(client=store.client, database=database, dsn_kind=store.dsn_kind)
-        sized.migrate()
-        fill(sized, events, args.days, rng)
-        baseline = timed(
-            lambda s=sized: s.rows(f"SELECT count() FROM {s.table('events')} FINAL"), args.repeats
-        )
-        print(f"\n{events:,} events ({args.days} days): baseline count() FINAL {baseline * 1000:.1f} ms")
-        print(f"{'panel':22} {'ms':>9} {'x base':>8} {'rows':>6}")
-        for name in queries.QUERIES:
-            rows = len(queries.panel(sized, name).rows)
-            seconds = timed(lambda n=name, s=sized: queries.panel(s, n), args.repeats)
-            print(f"{name:22} {seconds * 1000:>9.1f} {seconds / baseline:>8.1f} {rows:>6}")
+    try:
+        rng = np.random.default_rng(0)
+        print(f"chDB at {home}; median of {repeats} after a warm-up; ms, and x the baseline")
+        for events in sizes:
+            database = f"bench_{events}"
+            sized = Store(client=store.client, database=database, dsn_kind=store.dsn_kind)
+            sized.migrate()
+            fill(sized, events, days, rng)
+            baseline = timed(
+                lambda s=sized: s.rows(f"SELECT count() FROM {s.table('events')} FINAL"), repeats
+            )
+            print(f"\n{events:,} events ({days} days): baseline count() FINAL {baseline * 1000:.1f} ms")
+            print(f"{'panel':22} {'ms':>9} {'x base':>8} {'rows':>6}")
+            for name in queries.QUERIES:
+                rows = len(queries.panel(sized, name).rows)
+                seconds = timed(lambda n=name, s=sized: queries.panel(s, n), repeats)
+                print(f"{name:22} {seconds * 1000:>9.1f} {seconds / baseline:>8.1f} {rows:>6}")
+    finally:
+        store.close()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -85,7 +84,7 @@ def latency(items: int, dim: int, publishes: int, delta_rows: int) -> None:
         model = apply(model, decode(encode(sparse_update(model, child, rows=rows))))
         local.append(time.perf_counter() - started)
     with bench_cluster() as settings:
-        snapshots = SnapshotStore(Path(tempfile.mkdtemp()) / "models", keep=3)
+        snapshots = SnapshotStore(settings.home / "models", keep=3)
         publisher = Publisher(settings, snapshots=snapshots)
         publisher.publish_snapshot(base.params, base.item_ids, config={})
         replica = Replica(snapshots=None)

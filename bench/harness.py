@@ -6,6 +6,7 @@ these machines are noisy; the baseline is a confluent-kafka batch ``consume(1000
 
 from __future__ import annotations
 
+import shutil
 import socket
 import tempfile
 import threading
@@ -50,6 +51,7 @@ def bench_cluster(**overrides: Any) -> Iterator[Settings]:
     finally:
         if broker is not None:
             broker.stop()
+        shutil.rmtree(tmp, ignore_errors=True)  # a broker's log and a chDB home: gigabytes per run
 
 
 def consume_loop(settings: Settings, n: int, handle: Callable[[bytes], object] | None = None) -> float:
