@@ -120,8 +120,10 @@ def bare_topk(table: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
 def _serve(sock: socket.socket, settings: Settings, recommender: Recommender, ready: Any) -> None:
     """One server process: the API over the (inherited) recommender on the shared socket."""
     torch.set_num_threads(ServeSettings().torch_threads)
-    producer = EventProducer(settings, **{"linger.ms": 5})
-    app = create_app(settings, recommender=recommender, producer=producer)
+    # As `freshrec serve` (publishers/server.py): posted events at once, the decision log batched.
+    producer = EventProducer(settings, **{"linger.ms": 1})
+    decisions = EventProducer(settings, **{"linger.ms": settings.serve.impressions_linger_ms})
+    app = create_app(settings, recommender=recommender, producer=producer, decisions=decisions)
     config = uvicorn.Config(
         app, log_level="warning", lifespan="off", http="httptools", loop="uvloop", access_log=False
     )
@@ -135,6 +137,7 @@ def _serve(sock: socket.socket, settings: Settings, recommender: Recommender, re
     threading.Thread(target=announce, daemon=True).start()
     server.run(sockets=[sock])  # until SIGTERM
     producer.close()
+    decisions.close()
 
 
 _WRK_SCRIPT = """

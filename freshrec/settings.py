@@ -220,6 +220,15 @@ class ServeSettings(BaseModel):
         description="torch intra-op threads of a serving process: one user state is a tiny forward "
         "pass, which more threads slow down (measured 8 ms with 2, 1 ms with 1).",
     )
+    impressions_linger_ms: int = Field(
+        1_000,
+        ge=0,
+        le=60_000,
+        description="How long the decision log's producer gathers responses into one batch for the "
+        "impressions topic. Each broker request costs CPU on the serving machine's cores: at 5 ms, "
+        "the API's p99 at 100k items was 33-51 ms; at 1000 ms, 10-11 ms (bench/serving_latency.py). "
+        "Events posted to the API have their own producer and are sent at once.",
+    )
 
 
 class Settings(BaseSettings):

@@ -34,6 +34,7 @@ from prometheus_client import (
     generate_latest,
 )
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from freshrec.errors import InvalidEvent
@@ -146,17 +147,21 @@ def create_app(
     *,
     recommender: Recommender,
     producer: EventProducer,
+    decisions: EventProducer | None = None,
     subscriber: ReplicaSubscriber | None = None,
     store: Store | None = None,
 ) -> FastAPI:
-    """The API over a recommender (serving state) and a producer (events and impressions); the
-    dashboard reads ``store`` (without one, its data routes answer 503 and say why)."""
+    """The API over a recommender (serving state) and producers: ``producer`` sends posted events
+    (at once: they change recommendations), ``decisions`` the decision log to ``impressions`` (in
+    large batches: see ``ServeSettings.impressions_linger_ms``; None: ``producer``). The dashboard
+    reads ``store`` (without one, its data routes answer 503 and say why)."""
     app = FastAPI(title="freshrec", version="1", summary="Streaming, online-learning recommendations.")
     metrics = Metrics()
     # An empty token (e.g. an unset variable in docker-compose) means no authentication, not "Bearer ".
     token = (settings.api_token.get_secret_value() if settings.api_token else None) or None
     topics = settings.topics
     max_k = settings.serve.max_k
+    log = decisions if decisions is not None else producer
 
     app.add_middleware(AuthAndTiming, token=token, metrics=metrics)
     app.include_router(dashboard_router(store))
@@ -194,7 +199,7 @@ def create_app(
             }
             for i in result.items
         ]
-        producer.produce(
+        log.produce(
             topics.impressions,
             encode_impression(
                 request_id=result.request_id,
@@ -248,7 +253,8 @@ def create_app(
             return JSONResponse({"detail": errors}, status_code=422)
         for event in events:
             producer.produce(topics.events, event.to_json(), key=event.user_id.encode())
-        producer.flush(10.0)
+        # Off the event loop: waiting for the broker's acknowledgement must not hold up other requests.
+        await run_in_threadpool(producer.flush, 10.0)
         metrics.events.inc(len(events))
         return JSONResponse({"accepted": len(events)}, status_code=202)
 

@@ -66,6 +66,7 @@ class ServingStack:
         self.replica = Replica(snapshots=SnapshotStore.for_settings(settings))
         self.subscriber = ReplicaSubscriber(settings, self.replica)
         self.producer = EventProducer(settings, **{"linger.ms": 1})
+        self.decisions = EventProducer(settings, **{"linger.ms": settings.serve.impressions_linger_ms})
         self.recommender = Recommender(
             settings=settings.serve, replica=self.replica, reader=StateReader(self.worker)
         )
@@ -73,6 +74,7 @@ class ServingStack:
             settings,
             recommender=self.recommender,
             producer=self.producer,
+            decisions=self.decisions,
             subscriber=self.subscriber,
             store=store,
         )
@@ -128,6 +130,7 @@ class ServingStack:
             thread.join(30)
         self.subscriber.stop()
         self.producer.close()
+        self.decisions.close()
 
     def wait(self) -> None:
         """Block until the API stops (SIGINT/SIGTERM reach uvicorn only in the main thread: see the CLI)."""

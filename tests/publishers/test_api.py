@@ -195,6 +195,7 @@ def test_ips_of_the_logging_policy_matches_its_observed_click_rate(stack: Servin
             if batch:
                 assert client.post("/v1/events", json=batch).json() == {"accepted": len(batch)}
                 clicks += len(batch)
+    stack.decisions.flush()  # the decision log is batched (impressions_linger_ms): out of it now
     sink.run(stack.settings, store, until_idle_s=1.5)  # events, and the impressions beside them
     estimate = ips.evaluate(store)
     assert (estimate.slots, estimate.clicks) == (400, clicks)
@@ -206,3 +207,23 @@ def test_ips_of_the_logging_policy_matches_its_observed_click_rate(stack: Servin
     assert estimate.explore_ctr is not None and estimate.exploit_ctr is not None
     assert estimate.explore_ctr > estimate.exploit_ctr  # the simulated users favour explored items
     assert sum(n for n, _ in estimate.by_source.values()) == 400
+
+
+def test_a_long_decision_log_batch_is_delivered_at_stop_and_posts_do_not_wait_for_it(
+    api_settings: Settings,
+) -> None:
+    ensure_topics(api_settings)
+    serve = api_settings.serve.model_copy(update={"impressions_linger_ms": 60_000})
+    stack = ServingStack(api_settings.model_copy(update={"serve": serve})).start()
+    try:
+        with _client(stack) as client:
+            served = client.get("/v1/recommendations/cold-user", params={"k": 3}).json()
+            started = time.monotonic()
+            event = {"event_id": "e-1", "user_id": "cold-user", "item_id": "i1", "type": "view",
+                     "ts": int(time.time() * 1000)}  # fmt: skip
+            assert client.post("/v1/events", json=event).status_code == 202
+            assert time.monotonic() - started < 5  # acknowledged by Kafka, not after the log's minute
+        assert stack.decisions.delivered == 0  # still gathering its batch
+    finally:
+        stack.stop()  # delivers the batch
+    assert [m["request_id"] for m in _impression_messages(api_settings)] == [served["request_id"]]

@@ -115,6 +115,7 @@ def test_every_panel_renders_with_data_in_a_real_browser(
                 "request_id": first["request_id"],
             }
             assert client.post("/v1/events", json=click).status_code == 202
+        stack.decisions.flush()  # the decision log is batched (impressions_linger_ms): out of it now
         sink.run(settings, store, until_idle_s=1.0)  # impressions and the click into ClickHouse
 
         with sync_playwright() as playwright:
