@@ -203,6 +203,14 @@ class ServeSettings(BaseModel):
     index_max_uncertainty: float = Field(
         0.5, ge=0, le=1, description="Rows younger than this (1/sqrt(updates)) stay out of the main index."
     )
+    explore_pool: int = Field(
+        256,
+        ge=1,
+        le=100_000,
+        description="Most rows outside the main index that one request's exploration draw considers, "
+        "the youngest first (besides the ranking's tail and the stream's new arrivals): bounds a "
+        "request's work however many rows are young.",
+    )
     candidates: int = Field(100, ge=1, le=10_000, description="Candidates taken from each source.")
     max_k: int = Field(100, ge=1, le=1_000, description="Largest k a request may ask for.")
     seed: int | None = Field(None, description="Seed of the exploration sampler (None: random).")

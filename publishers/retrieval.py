@@ -88,9 +88,15 @@ class ServingIndex:
     index_rows: IntArray  # confident rows: the main index
     index_vectors: FloatArray  # (len(index_rows), D), contiguous: one matrix product per query
     pool_rows: IntArray  # uncertain rows: the exploration pool
+    # The pool's ``max_pool`` youngest rows (youngest first) as items and uncertainties: what one
+    # request's exploration draw considers, listed once per version so a request's work stays bounded.
+    pool_items: tuple[str, ...]
+    pool_uncertainty: tuple[float, ...]
 
     @classmethod
-    def build(cls, version: ModelVersion, stats: RowStats, *, max_uncertainty: float) -> ServingIndex:
+    def build(
+        cls, version: ModelVersion, stats: RowStats, *, max_uncertainty: float, max_pool: int = 256
+    ) -> ServingIndex:
         config = SASRecConfig.from_dict(dict(version.config))
         model = SASRec(config, rows=version.params[TABLE].shape[0])
         model.load_state_dict(
@@ -104,6 +110,8 @@ class ServingIndex:
         confident = has_item & (uncertainty <= max_uncertainty)
         index_rows = np.flatnonzero(confident).astype(np.int64)
         index_vectors = np.ascontiguousarray(vectors[index_rows])
+        pool_rows = np.flatnonzero(has_item & ~confident).astype(np.int64)
+        drawn = pool_rows[np.argsort(-uncertainty[pool_rows], kind="stable")[:max_pool]]
         return cls(
             version=version,
             model=model,
@@ -112,7 +120,9 @@ class ServingIndex:
             uncertainty=uncertainty,
             index_rows=index_rows,
             index_vectors=index_vectors,
-            pool_rows=np.flatnonzero(has_item & ~confident).astype(np.int64),
+            pool_rows=pool_rows,
+            pool_items=tuple(str(version.item_ids[row]) for row in drawn.tolist()),
+            pool_uncertainty=tuple(uncertainty[drawn].tolist()),
         )
 
     def user_vector(self, history: Sequence[str]) -> FloatArray | None:
@@ -120,10 +130,9 @@ class ServingIndex:
         rows = [row for item in history if (row := self.row_of.get(item)) is not None]
         if not rows:
             return None
-        # Unpadded: the model places a short window at the last positions (see SASRec.hidden).
-        seq = torch.tensor(rows[-self.model.config.max_len :], dtype=torch.int64).view(1, -1)  # (1, T)
-        with torch.no_grad():
-            vector: FloatArray = self.model.user_vectors(seq)[0].numpy()  # (D,)
+        seq = torch.tensor(rows[-self.model.config.max_len :], dtype=torch.int64)  # (T,), unpadded
+        with torch.inference_mode():
+            vector: FloatArray = self.model.state(seq).numpy()  # (D,)
         return vector
 
     def top(self, user: FloatArray, n: int, *, exclude: set[str]) -> list[tuple[str, float]]:

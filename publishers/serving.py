@@ -106,6 +106,7 @@ class Recommender:
             version,
             self._stats,
             max_uncertainty=self.settings.index_max_uncertainty,
+            max_pool=self.settings.explore_pool,
         )
         logger.info(
             "serving v%d: %d items indexed, %d in the exploration pool",
@@ -176,24 +177,25 @@ class Recommender:
 
     # -- exploration ------------------------------------------------------------------------------
 
-    def _pool(self, exclude: set[str], tail: Sequence[str]) -> list[tuple[str, float]]:
-        """Exploration candidates and their embedding uncertainty (1 for items the model lacks)."""
+    def _pool(self, exclude: set[str], tail: Sequence[str]) -> dict[str, float]:
+        """Exploration candidates and their embedding uncertainty (1 for items the model lacks):
+        the ranking's tail, the index's youngest rows (``explore_pool``), the stream's new arrivals."""
         index = self._index
-        pool: dict[str, float] = {}
-        for item in tail:  # relevant but below the cut: their CTR posterior decides
-            row = index.row_of.get(item) if index is not None else None
-            pool[item] = float(index.uncertainty[row]) if index is not None and row is not None else 1.0
-        if index is not None:
-            for row in index.pool_rows.tolist():
-                item = index.item_of[row]
-                if item is not None and item not in exclude:
-                    pool[item] = float(index.uncertainty[row])
+        if index is None:
+            pool = dict.fromkeys(tail, 1.0)
+        else:  # tail items relevant but below the cut: their CTR posterior decides
+            rows = np.array([index.row_of.get(item, -1) for item in tail], dtype=np.int64)
+            known = np.where(rows >= 0, index.uncertainty[np.maximum(rows, 0)], 1.0)
+            pool = dict(zip(tail, known.tolist(), strict=True))
+            for item, uncertainty in zip(index.pool_items, index.pool_uncertainty, strict=True):
+                if item not in exclude:
+                    pool[item] = uncertainty
         if self.reader is not None:  # new arrivals in the stream that the model has no row for yet
-            known = index.row_of if index is not None else {}
+            rows_of = index.row_of if index is not None else {}
             for item in self.reader.newest(self.settings.candidates):
-                if item not in known and item not in exclude:
+                if item not in rows_of and item not in exclude:
                     pool.setdefault(item, 1.0)
-        return list(pool.items())
+        return pool
 
     def _uncertainty(
         self, ranked: list[tuple[str, float]], source: dict[str, str], k: int, seen: set[str]
@@ -201,15 +203,14 @@ class Recommender:
         slots = round(k * self.settings.explore_fraction)
         exploit = [item for item, _ in ranked[: k - slots]]
         tail = [item for item, _ in ranked[k - slots : k - slots + self.settings.candidates]]
-        pool = self._pool(seen | set(exploit), tail) if slots else []
+        pool = self._pool(seen | set(exploit), tail) if slots else {}
         picks: list[ServedItem] = []
         if pool:
-            names = [item for item, _ in pool]
-            embedding = np.array([u for _, u in pool])
+            names = list(pool)
+            embedding = np.fromiter(pool.values(), dtype=np.float64, count=len(names))
             if self.reader is not None:
-                posteriors = self.reader.ctrs(names)
-                mean = np.array([p.mean for p in posteriors])
-                sd = np.sqrt(np.array([p.variance for p in posteriors]))
+                mean, variance = self.reader.ctr_moments(names)
+                sd = np.sqrt(variance)
             else:
                 mean, sd = np.full(len(names), 0.05), np.full(len(names), 0.05)
             ucb = mean + self.settings.ucb_c * (sd + 0.1 * embedding)

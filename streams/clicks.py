@@ -28,10 +28,16 @@ exploration will spend: few impressions, wide posterior.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 __all__ = ["ClickThrough", "CtrPosterior"]
+
+FloatArray = npt.NDArray[np.float64]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +106,15 @@ class ClickThrough:
         a, b = self.alpha + c, self.beta + n - c
         mean = a / (a + b)
         return CtrPosterior(item_id, n, c, mean, mean * (1.0 - mean) / (a + b + 1.0))
+
+    def moments(self, items: Sequence[str]) -> tuple[FloatArray, FloatArray]:
+        """Posterior means and variances of many items at once (what a request's exploration reads:
+        ``posterior`` per item cost it ~1.6 µs an item, mostly building the records)."""
+        n = np.array([self._impressions.get(item, 0) for item in items], dtype=np.float64)
+        c = np.array([self._clicks.get(item, 0) for item in items], dtype=np.float64)
+        total = self.alpha + self.beta + n
+        mean = (self.alpha + c) / total
+        return mean, mean * (1.0 - mean) / (total + 1.0)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -15,6 +15,9 @@ import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
 from freshrec.errors import ConfigError
 from streams.clicks import CtrPosterior
 from streams.histories import HistoryEntry
@@ -91,11 +94,10 @@ class StateReader:
             scores = worker.state.cooccurrence.score(recent, exclude=exclude)
         return heapq.nlargest(n, scores.items(), key=lambda kv: (kv[1], kv[0]))
 
-    def ctrs(self, items: Sequence[str]) -> list[CtrPosterior]:
-        """CTR posteriors of many items under one lock."""
+    def ctr_moments(self, items: Sequence[str]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """CTR posterior means and variances of many items under one lock, as arrays."""
         with (worker := self._keeper("counters")).lock:
-            posterior = worker.state.clicks.posterior
-            return [posterior(item) for item in items]
+            return worker.state.clicks.moments(items)
 
     def scores(self, user_id: str, items: Sequence[str], head: str) -> list[float] | None:
         """A head's scores for many items (None when no worker here keeps that head)."""

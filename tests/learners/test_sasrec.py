@@ -37,6 +37,28 @@ def test_attention_is_causal_and_padding_is_inert() -> None:
     assert torch.isfinite(shorter).all() and torch.equal(shorter, same)
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    heads=st.sampled_from([1, 2, 4]),
+    blocks=st.integers(1, 3),
+    cosine=st.booleans(),
+    length=st.integers(1, 8),
+    seed=st.integers(0, 2**16),
+)
+def test_the_serving_state_equals_the_batched_forward(
+    heads: int, blocks: int, cosine: bool, length: int, seed: int
+) -> None:
+    torch.manual_seed(seed)
+    model = SASRec(SASRecConfig(max_len=8, dim=16, heads=heads, blocks=blocks, cosine=cosine), rows=30)
+    model.init_rows(torch.arange(1, 30))
+    model.eval()
+    rows = torch.randint(1, 30, (length,))
+    padded = torch.cat([torch.zeros(8 - length, dtype=torch.int64), rows]).view(1, -1)
+    with torch.no_grad():
+        expected = model.user_vectors(padded)[0]  # left-padded to max_len, as training sees it
+        assert torch.allclose(model.state(rows), expected, atol=1e-5)
+
+
 def test_item_rows_grow_then_evict_the_stalest() -> None:
     rows = ItemRows(capacity=4, initial_rows=2)
     first = rows.assign(["a", "b"], step=1)

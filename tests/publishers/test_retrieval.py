@@ -47,6 +47,25 @@ def test_row_ages_count_the_versions_that_changed_them_and_restart_with_a_new_it
     index = ServingIndex.build(third, stats, max_uncertainty=0.5)
     assert index.index_rows.tolist() == [1, 2, 4, 5, 6]  # the young row is explored, not indexed
     assert index.pool_rows.tolist() == [3]
+    assert (index.pool_items, index.pool_uncertainty) == (("new-item",), (1.0,))
+
+
+def test_a_request_draws_from_the_youngest_rows_of_a_large_pool() -> None:
+    stats = RowStats(initial=4)
+    version = _version(8)
+    stats.observe(version)
+    ids = list(version.item_ids)
+    ids[1:7] = [f"new-{row}" for row in range(1, 7)]  # six rows given to new items: each starts at 1
+    version = _next(version, changed=[1, 2, 3, 4, 5, 6], ids=ids)
+    stats.observe(version)
+    for changed in ([3, 4, 5, 6], [5, 6]):  # then trained on, some more than others
+        version = _next(version, changed=changed)
+        stats.observe(version)
+    assert stats.updates.tolist() == [0, 1, 1, 2, 2, 3, 3, 4, 4]
+    index = ServingIndex.build(version, stats, max_uncertainty=0.5, max_pool=3)
+    assert index.pool_rows.tolist() == [1, 2, 3, 4, 5, 6]  # all young, none indexed
+    assert [index.row_of[i] for i in index.pool_items] == [1, 2, 3]  # the youngest, youngest first
+    assert index.pool_uncertainty == pytest.approx((1.0, 1.0, 1 / np.sqrt(2)))
 
 
 def test_top_is_the_exact_inner_product_order() -> None:

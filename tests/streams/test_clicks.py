@@ -25,6 +25,21 @@ def test_only_clicks_on_shown_items_count_and_only_once() -> None:
     assert (unseen.impressions, unseen.mean) == (0, 0.5) and unseen.variance == pytest.approx(1 / 12)
 
 
+def test_moments_of_many_items_are_their_posteriors() -> None:
+    rng = random.Random(2)
+    ctr = ClickThrough(alpha=2.0, beta=15.0)
+    for n in range(300):
+        item = f"i{rng.randrange(8)}"
+        ctr.observe("impression", item, f"r{n}")
+        if rng.random() < 0.3:
+            ctr.observe("click", item, f"r{n}")
+    items = [f"i{n}" for n in range(10)]  # two never shown
+    mean, variance = ctr.moments(items)
+    assert mean.tolist() == pytest.approx([ctr.posterior(i).mean for i in items], rel=1e-12)
+    assert variance.tolist() == pytest.approx([ctr.posterior(i).variance for i in items], rel=1e-12)
+    assert ctr.moments([])[0].shape == (0,)
+
+
 def test_posterior_narrows_around_the_true_rate() -> None:
     rng = random.Random(1)
     ctr = ClickThrough()
