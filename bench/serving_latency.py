@@ -13,6 +13,9 @@ cost does not depend on what the weights are), in the same run:
   at a time each), the response logged to the impressions topic of a real broker, as served.
 
     .venv/bin/python bench/serving_latency.py --requests 400 --clients 2 --server-procs 1 2 [--load wrk]
+
+The decision log is batched as ``freshrec serve`` batches it (``--impressions-linger-ms``, default
+the setting's); ``--impressions-linger-ms 5`` shows what logging each response at once costs.
 """
 
 from __future__ import annotations
@@ -184,6 +187,7 @@ def run_size(
     gbs: float,
     procs: int,
     load: str,
+    serve: ServeSettings,
 ) -> dict[str, float]:
     version = model_version(items)
     replica = Replica()
@@ -196,7 +200,6 @@ def run_size(
         stamps = [step * 1000] * USERS
         worker.state.histories.append(users, picked, ["view"] * USERS, stamps)
         worker.state.counters.update(picked, ["view"] * USERS, stamps)
-    serve = ServeSettings(seed=1)
     settings = settings.model_copy(update={"serve": serve})
     recommender = Recommender(settings=serve, replica=replica, reader=StateReader(worker))
     index = recommender.index
@@ -268,13 +271,28 @@ def main() -> None:
     parser.add_argument(
         "--server-procs", type=int, nargs="+", default=[1, 2], help="API server processes (forked)."
     )
+    parser.add_argument(
+        "--impressions-linger-ms",
+        type=int,
+        default=ServeSettings().impressions_linger_ms,
+        help="How long the decision log gathers a batch (FRESHREC_SERVE__IMPRESSIONS_LINGER_MS).",
+    )
     args = parser.parse_args()
     torch.set_num_threads(ServeSettings().torch_threads)  # as `freshrec serve` does
     gbs = bandwidth_gbs()
     print(f"copy bandwidth {gbs:.1f} GB/s (read+write); torch threads {torch.get_num_threads()}")
     with bench_cluster() as settings:
         rows = [
-            run_size(settings, size, args.requests, args.clients, gbs, procs, args.load)
+            run_size(
+                settings,
+                size,
+                args.requests,
+                args.clients,
+                gbs,
+                procs,
+                args.load,
+                ServeSettings(seed=1, impressions_linger_ms=args.impressions_linger_ms),
+            )
             for size in args.sizes
             for procs in args.server_procs
         ]
