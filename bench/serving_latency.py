@@ -45,6 +45,7 @@ from harness import bench_cluster
 from freshrec.settings import ServeSettings, Settings, StreamSettings
 from learners.sasrec import SASRec, SASRecConfig
 from publishers.api import create_app
+from publishers.dealer import Dealer, DealtServer
 from publishers.replica import Replica
 from publishers.serving import Recommender
 from publishers.updates import ModelVersion, snapshot_update
@@ -120,8 +121,10 @@ def bare_topk(table: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
     return out
 
 
-def _serve(sock: socket.socket, settings: Settings, recommender: Recommender, ready: Any) -> None:
-    """One server process: the API over the (inherited) recommender on the shared socket."""
+def _serve(dealer: Dealer, n: int, settings: Settings, recommender: Recommender, ready: Any) -> None:
+    """Server process ``n``: the API over the (inherited) recommender, serving the connections dealt
+    to it, as a worker of ``freshrec serve --workers`` does."""
+    channel = dealer.channel(n)
     torch.set_num_threads(ServeSettings().torch_threads)
     # As `freshrec serve` (publishers/server.py): posted events at once, the decision log batched.
     producer = EventProducer(settings, **{"linger.ms": 1})
@@ -130,7 +133,7 @@ def _serve(sock: socket.socket, settings: Settings, recommender: Recommender, re
     config = uvicorn.Config(
         app, log_level="warning", lifespan="off", http="httptools", loop="uvloop", access_log=False
     )
-    server = uvicorn.Server(config)
+    server = DealtServer(config, channel)
 
     def announce() -> None:
         while not server.started:
@@ -138,7 +141,7 @@ def _serve(sock: socket.socket, settings: Settings, recommender: Recommender, re
         ready.set()
 
     threading.Thread(target=announce, daemon=True).start()
-    server.run(sockets=[sock])  # until SIGTERM
+    server.run()  # until SIGTERM
     producer.close()
     decisions.close()
 
@@ -211,22 +214,24 @@ def run_size(
         started = time.perf_counter()
         recommender.recommend(users[n % USERS], 10)
         inproc.append(time.perf_counter() - started)
-    # Through the API, with concurrent clients, served by ``procs`` forked server processes sharing
-    # one listening socket (uvicorn's --workers model; each child holds a copy-on-write copy of the
-    # state and its own Kafka producer).
+    # Through the API, with concurrent clients, served by ``procs`` forked server processes behind
+    # one port, connections dealt in turn (`freshrec serve --workers`; each child holds a
+    # copy-on-write copy of the state and its own Kafka producers).
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(1024)
     port = sock.getsockname()[1]
+    dealer = Dealer(sock, procs)
     context = multiprocessing.get_context("fork")
     ready = [context.Event() for _ in range(procs)]
     servers = [
-        context.Process(target=_serve, args=(sock, settings, recommender, event), daemon=True)
-        for event in ready
+        context.Process(target=_serve, args=(dealer, n, settings, recommender, event), daemon=True)
+        for n, event in enumerate(ready)
     ]
     for server in servers:
         server.start()
+    dealer.start()
     for event in ready:
         assert event.wait(60), "a server process did not start"
     if load == "wrk":
@@ -243,6 +248,7 @@ def run_size(
     for server in servers:
         server.terminate()
         server.join()
+    dealer.stop()
     sock.close()
     ms = 1000.0
     return {

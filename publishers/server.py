@@ -6,8 +6,9 @@ the ``freshrec stream`` workers), a model replica following ``model.sparse`` / `
 healing from the snapshot store), the :class:`~publishers.serving.Recommender` over both, and the
 HTTP API on uvicorn. Replicas scale out by running more of them: each one reads the whole stream.
 
-:func:`serve` runs ``workers`` such stacks as processes behind one listening socket (uvicorn's and
-gunicorn's pre-fork model: the kernel hands each new connection to one of them). A request is CPU
+:func:`serve` runs ``workers`` such stacks as processes behind one port (uvicorn's and gunicorn's
+pre-fork model), with each new connection dealt to the next worker in turn by the supervisor
+(:mod:`publishers.dealer`: left to the kernel, two connections often share one worker). A request is CPU
 under the GIL, so one process serves one request at a time; a second process lets two concurrent
 requests run on two cores (measured in ``bench/serving_latency.py``). Each worker is a full
 replica (its own stream worker, group ``<stream group>.serve-<worker id>-<n>``, and its own model
@@ -32,6 +33,7 @@ from freshrec.processes import die_with_parent
 from freshrec.settings import Settings
 from freshrec.store import Store
 from publishers.api import create_app
+from publishers.dealer import Dealer, DealtServer
 from publishers.replica import Replica, ReplicaSubscriber
 from publishers.serving import Recommender
 from publishers.snapshots import SnapshotStore
@@ -50,7 +52,7 @@ class ServingStack:
     """Stream worker + model replica + recommender + API; :meth:`start` in threads, :meth:`stop`."""
 
     def __init__(
-        self, settings: Settings, *, store: Store | None = None, sock: socket.socket | None = None
+        self, settings: Settings, *, store: Store | None = None, channel: socket.socket | None = None
     ) -> None:
         """``store``: the ClickHouse the dashboard reads (the caller owns it; None: no dashboard data).
         ``sock``: a listening socket to serve on (shared by :func:`serve`'s workers) instead of
@@ -78,20 +80,19 @@ class ServingStack:
             subscriber=self.subscriber,
             store=store,
         )
-        self.server = uvicorn.Server(
-            uvicorn.Config(
-                self.app,
-                host=settings.api_host,
-                port=settings.api_port,
-                log_level="warning",
-                access_log=False,
-                lifespan="off",
-                http="httptools",
-                loop="uvloop",
-            )
+        config = uvicorn.Config(
+            self.app,
+            host=settings.api_host,
+            port=settings.api_port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            http="httptools",
+            loop="uvloop",
         )
+        # A worker of `serve`: connections are dealt to it (publishers.dealer); else it listens.
+        self.server = uvicorn.Server(config) if channel is None else DealtServer(config, channel)
         self.store = store
-        self._sockets = [sock] if sock is not None else None
         self._threads: list[threading.Thread] = []
 
     @property
@@ -104,9 +105,7 @@ class ServingStack:
         self.subscriber.start()
         worker = threading.Thread(target=self.worker.run, name="freshrec-serve-stream", daemon=True)
         worker.start()
-        api = threading.Thread(
-            target=self.server.run, kwargs={"sockets": self._sockets}, name="freshrec-api", daemon=True
-        )
+        api = threading.Thread(target=self.server.run, name="freshrec-api", daemon=True)
         api.start()
         self._threads = [worker, api]
         deadline = time.monotonic() + timeout_s
@@ -163,9 +162,10 @@ def serve(settings: Settings, *, workers: int, stop: threading.Event) -> int:
     except OSError as exc:
         raise ConfigError(f"cannot listen on {settings.api_host}:{settings.api_port}: {exc}") from exc
     sock.listen(2048)
+    dealer = Dealer(sock, workers)
     context = multiprocessing.get_context("fork")
     children = [
-        context.Process(target=_worker, args=(settings, n, sock, os.getpid()), name=f"freshrec-serve-{n}")
+        context.Process(target=_worker, args=(settings, n, dealer, os.getpid()), name=f"freshrec-serve-{n}")
         for n in range(workers)
     ]
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
@@ -174,6 +174,7 @@ def serve(settings: Settings, *, workers: int, stop: threading.Event) -> int:
             child.start()
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    dealer.start()
     logger.info("serving on %s:%d with %d worker processes", settings.api_host, settings.api_port, workers)
     crashed = False
     while not stop.wait(0.5):
@@ -192,6 +193,7 @@ def serve(settings: Settings, *, workers: int, stop: threading.Event) -> int:
             logger.error("serving worker %s did not stop within 60 s; killing it", child.name)
             child.kill()
             child.join()
+    dealer.stop()
     sock.close()
     failed = crashed or any(child.exitcode != 0 for child in children)
     return 1 if failed else 0
@@ -200,16 +202,17 @@ def serve(settings: Settings, *, workers: int, stop: threading.Event) -> int:
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
-def _stack(settings: Settings, sock: socket.socket | None = None, *, migrate: bool = True) -> ServingStack:
+def _stack(settings: Settings, channel: socket.socket | None = None, *, migrate: bool = True) -> ServingStack:
     """A stack with the dashboard over a ClickHouse server (a chDB path belongs to `freshrec run`)."""
     from freshrec.store import open_store
 
     store = None if settings.dsn.startswith("chdb://") else open_store(settings, migrate=migrate)
-    return ServingStack(settings, store=store, sock=sock)
+    return ServingStack(settings, store=store, channel=channel)
 
 
-def _worker(settings: Settings, n: int, sock: socket.socket, parent: int) -> None:
-    """One forked worker: its own replica of everything, on the shared socket, until SIGTERM."""
+def _worker(settings: Settings, n: int, dealer: Dealer, parent: int) -> None:
+    """One forked worker: its own replica of everything, serving the connections dealt to it, until
+    SIGTERM."""
     if not die_with_parent(parent, signal.SIGTERM):  # stop with the supervisor, even after kill -9
         return
     stop = threading.Event()
@@ -217,7 +220,7 @@ def _worker(settings: Settings, n: int, sock: socket.socket, parent: int) -> Non
         signal.signal(signum, lambda *_: stop.set())
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # held back since the fork
     stream = settings.stream.model_copy(update={"worker_id": f"{settings.stream.worker_id}-{n}"})
-    _run(_stack(settings.model_copy(update={"stream": stream}), sock, migrate=False), stop)
+    _run(_stack(settings.model_copy(update={"stream": stream}), dealer.channel(n), migrate=False), stop)
 
 
 def _run(stack: ServingStack, stop: threading.Event) -> None:

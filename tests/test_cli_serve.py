@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import signal
 import subprocess
 import sys
@@ -59,6 +60,16 @@ def test_two_workers_share_the_port_and_stop_together(settings: Settings) -> Non
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
             response = http.get("/v1/recommendations/someone", params={"k": 5})
             assert response.status_code == 200 and response.json()["user_id"] == "someone"
+        # Connections are dealt in turn: any two consecutive ones are served by different workers,
+        # and each keeps its worker (left to the kernel, pairs often shared one).
+        clients = [httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) for _ in range(6)]
+        try:
+            first = [client.get("/healthz").json()["worker"] for client in clients]
+            again = [client.get("/healthz").json()["worker"] for client in clients]
+        finally:
+            for client in clients:
+                client.close()
+        assert all(a != b for a, b in itertools.pairwise(first)) and again == first
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=90)
     assert process.returncode == 0, err[-2000:]
