@@ -169,6 +169,8 @@ class SASRec(nn.Module):
         """
         c = self.config
         T, D = rows.shape[0], c.dim
+        if self.training or not 0 < T <= c.max_len:
+            raise ValueError(f"state() serves an eval-mode model 1..{c.max_len} items; got {T}")
         x = F.embedding(rows, self.item_emb.weight) * math.sqrt(D) + self.pos_emb.weight[c.max_len - T :]
         causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
         last = len(self.blocks) - 1

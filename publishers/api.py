@@ -8,7 +8,9 @@ data) needs ``Authorization: Bearer <token>``; anything else gets 401.
 
 Why FastAPI: request validation and the OpenAPI spec come from the same type declarations, and
 ``k`` out of range is a 422 before any work (so nothing is served and nothing is logged). Every
-response is logged to the ``impressions`` topic (the decision log) before it is returned.
+response is queued for the ``impressions`` topic (the decision log) before it is returned; the log's
+producer sends it within ``FRESHREC_SERVE__IMPRESSIONS_LINGER_MS`` (batched: see that setting), and a
+stop delivers what is queued. A process that dies loses at most that last batch.
 ``POST /v1/events`` validates every event with the spine's contract first: one bad event makes the
 whole request a 422 naming each bad one, and none is published; otherwise all are published and
 acknowledged by Kafka (acks=all) before the 202.

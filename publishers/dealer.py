@@ -15,6 +15,7 @@ pass through the supervisor, never requests; it costs one ``sendmsg`` per connec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import threading
@@ -58,6 +59,11 @@ class Dealer:
         self._thread = threading.Thread(target=self._deal, name="freshrec-serve-dealer", daemon=True)
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the dealing thread runs (the supervisor stops the set if it died)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -81,12 +87,14 @@ class Dealer:
                 for _ in range(len(self._pairs)):
                     ours = self._pairs[turn][0]
                     turn = (turn + 1) % len(self._pairs)
-                    try:
-                        socket.send_fds(ours, [b"c"], [conn.fileno()])
+                    try:  # never wait on one worker: a stuck one must not hold up the others
+                        socket.send_fds(ours, [b"c"], [conn.fileno()], socket.MSG_DONTWAIT)
                     except OSError:
-                        continue  # that worker is gone: the next one
+                        continue  # that worker is gone, or its channel is full: the next one
                     self.dealt += 1
                     break
+                else:
+                    logger.warning("no serving worker took a connection; closed it")
 
 
 class DealtServer(uvicorn.Server):
@@ -104,25 +112,46 @@ class DealtServer(uvicorn.Server):
         await super().startup(sockets=[])
         threading.Thread(target=self._dealt_receive, name="freshrec-serve-dealt", daemon=True).start()
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # Take no more connections: this wakes the receiver, and the supervisor skips this worker.
+        with contextlib.suppress(OSError):  # already closed
+            self._dealt_channel.shutdown(socket.SHUT_RDWR)
+        await super().shutdown(sockets=sockets)
+
     def _dealt_receive(self) -> None:
         loop = self._dealt_loop
         assert loop is not None
-        while True:
-            try:
-                _, fds, _, _ = socket.recv_fds(self._dealt_channel, 1, 1)
-            except OSError:
-                return
-            if not fds:
-                return  # the supervisor closed its end
-            conn = socket.socket(fileno=fds[0])
-            try:
-                asyncio.run_coroutine_threadsafe(self._dealt_connect(conn), loop)
-            except RuntimeError:  # the loop has closed: this worker is stopping
-                conn.close()
-                return
+        try:
+            while True:
+                try:
+                    message, fds, flags, _ = socket.recv_fds(self._dealt_channel, 1, 1)
+                except OSError:
+                    return  # closed by shutdown()
+                if not message:
+                    return  # the supervisor closed its end
+                if not fds or flags & socket.MSG_CTRUNC:  # out of descriptors here: dropped
+                    for fd in fds:
+                        socket.socket(fileno=fd).close()
+                    logger.warning("a dealt connection was lost (out of file descriptors?)")
+                    continue
+                conn = socket.socket(fileno=fds[0])
+                try:
+                    asyncio.run_coroutine_threadsafe(self._dealt_connect(conn), loop)
+                except RuntimeError:  # the loop has closed: this worker is stopping
+                    conn.close()
+                    return
+        finally:
+            self._dealt_channel.close()
 
     async def _dealt_connect(self, conn: socket.socket) -> None:
-        await asyncio.get_running_loop().connect_accepted_socket(self._dealt_protocol, conn)
+        if self.should_exit:  # stopping: refuse rather than serve a connection it cannot finish
+            conn.close()
+            return
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(self._dealt_protocol, conn)
+        except Exception:
+            logger.exception("serving a dealt connection failed")
+            conn.close()
 
     def _dealt_protocol(self) -> asyncio.Protocol:
         # What uvicorn's own startup() builds for each connection it accepts.

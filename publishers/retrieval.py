@@ -41,6 +41,7 @@ class RowStats:
     def __init__(self, *, initial: int = 4) -> None:
         self.initial = initial
         self.updates = np.zeros(0, dtype=np.int64)
+        self.since = np.zeros(0, dtype=np.int64)  # per row: the version that gave it its item
         self._previous: ModelVersion | None = None
 
     def observe(self, version: ModelVersion) -> None:
@@ -51,6 +52,7 @@ class RowStats:
             self.updates = np.where(
                 np.array([i is not None for i in version.item_ids], dtype=bool), self.initial, 0
             ).astype(np.int64)
+            self.since = np.full(rows, version.version, dtype=np.int64)
         else:
             old_table = previous.params[TABLE]
             grown = np.zeros(rows, dtype=np.int64)
@@ -66,6 +68,10 @@ class RowStats:
                 dtype=bool,
             )
             grown[moved] = 0
+            since = np.full(rows, version.version, dtype=np.int64)
+            kept_since = min(rows, len(self.since))
+            since[:kept_since] = np.where(moved[:kept_since], version.version, self.since[:kept_since])
+            self.since = since
             grown[changed] += 1
             grown[np.array([i is None for i in version.item_ids], dtype=bool)] = 0
             self.updates = grown
@@ -88,8 +94,9 @@ class ServingIndex:
     index_rows: IntArray  # confident rows: the main index
     index_vectors: FloatArray  # (len(index_rows), D), contiguous: one matrix product per query
     pool_rows: IntArray  # uncertain rows: the exploration pool
-    # The pool's ``max_pool`` youngest rows (youngest first) as items and uncertainties: what one
-    # request's exploration draw considers, listed once per version so a request's work stays bounded.
+    # The pool's ``max_pool`` newest items (by the version that gave their row its item; then the
+    # least trained) and their uncertainties: what one request's exploration draw considers, listed
+    # once per version so that a request's work stays bounded.
     pool_items: tuple[str, ...]
     pool_uncertainty: tuple[float, ...]
 
@@ -111,7 +118,11 @@ class ServingIndex:
         index_rows = np.flatnonzero(confident).astype(np.int64)
         index_vectors = np.ascontiguousarray(vectors[index_rows])
         pool_rows = np.flatnonzero(has_item & ~confident).astype(np.int64)
-        drawn = pool_rows[np.argsort(-uncertainty[pool_rows], kind="stable")[:max_pool]]
+        # Newest items first (the version that gave the row its item), then the least trained: a
+        # row's index says nothing of its age, since rows are reused after eviction.
+        since = stats.since if len(stats.since) == len(uncertainty) else np.zeros(len(uncertainty), np.int64)
+        order = np.lexsort((-uncertainty[pool_rows], -since[pool_rows]))
+        drawn = pool_rows[order[:max_pool]]
         return cls(
             version=version,
             model=model,

@@ -55,8 +55,8 @@ class ServingStack:
         self, settings: Settings, *, store: Store | None = None, channel: socket.socket | None = None
     ) -> None:
         """``store``: the ClickHouse the dashboard reads (the caller owns it; None: no dashboard data).
-        ``sock``: a listening socket to serve on (shared by :func:`serve`'s workers) instead of
-        binding ``api_host:api_port``."""
+        ``channel``: where :func:`serve`'s supervisor deals this worker its connections
+        (:mod:`publishers.dealer`) instead of binding ``api_host:api_port``."""
         torch.set_num_threads(settings.serve.torch_threads)  # this process serves: see ServeSettings
         group = f"{settings.stream.group_id}.serve-{settings.stream.worker_id}"
         # Requests read the worker's state under the lock it holds while applying a batch: small
@@ -89,6 +89,7 @@ class ServingStack:
             lifespan="off",
             http="httptools",
             loop="uvloop",
+            timeout_graceful_shutdown=10,  # a stop waits at most this long for open connections
         )
         # A worker of `serve`: connections are dealt to it (publishers.dealer); else it listens.
         self.server = uvicorn.Server(config) if channel is None else DealtServer(config, channel)
@@ -128,8 +129,10 @@ class ServingStack:
         for thread in self._threads:
             thread.join(30)
         self.subscriber.stop()
-        self.producer.close()
-        self.decisions.close()
+        try:  # the decision log first: its batch holds up to a second of responses
+            self.decisions.close()
+        finally:
+            self.producer.close()
 
     def wait(self) -> None:
         """Block until the API stops (SIGINT/SIGTERM reach uvicorn only in the main thread: see the CLI)."""
@@ -183,6 +186,12 @@ def serve(settings: Settings, *, workers: int, stop: threading.Event) -> int:
             logger.error("a serving worker exited (codes %s); stopping the others", codes)
             crashed = True
             break
+        if not dealer.alive:
+            logger.error("the connection dealer stopped; stopping the workers")
+            crashed = True
+            break
+    dealer.stop()  # no new connection goes to a stopping worker: clients are refused instead
+    sock.close()
     for child in children:
         if child.is_alive():
             child.terminate()  # SIGTERM: the worker stops its stack
@@ -193,8 +202,6 @@ def serve(settings: Settings, *, workers: int, stop: threading.Event) -> int:
             logger.error("serving worker %s did not stop within 60 s; killing it", child.name)
             child.kill()
             child.join()
-    dealer.stop()
-    sock.close()
     failed = crashed or any(child.exitcode != 0 for child in children)
     return 1 if failed else 0
 

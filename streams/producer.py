@@ -89,6 +89,11 @@ class EventProducer:
                 self._producer.poll(0.05)
         self._producer.poll(0)
 
+    @property
+    def queued(self) -> int:
+        """Records waiting to be sent or acknowledged."""
+        return len(self._producer)
+
     def flush(self, timeout_s: float = 60.0) -> None:
         """Wait for every queued record's delivery report; raise if any failed or some remain."""
         remaining = self._producer.flush(timeout_s)

@@ -6,6 +6,8 @@ import itertools
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,9 +72,33 @@ def test_two_workers_share_the_port_and_stop_together(settings: Settings) -> Non
             for client in clients:
                 client.close()
         assert all(a != b for a, b in itertools.pairwise(first)) and again == first
+
+        # A client that keeps requesting on its keep-alive connection does not hold up the stop.
+        busy = threading.Event()
+        done = threading.Event()
+
+        def keep_requesting() -> None:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+                while not done.is_set():
+                    try:
+                        http.get("/healthz")
+                        busy.set()
+                    except httpx.HTTPError:
+                        time.sleep(0.05)
+
+        requester = threading.Thread(target=keep_requesting, daemon=True)
+        requester.start()
+        assert busy.wait(10)
+        started = time.monotonic()
         process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=90)
+        try:
+            _, err = process.communicate(timeout=90)
+        finally:
+            done.set()
+            requester.join()
+        stopped_s = time.monotonic() - started
     assert process.returncode == 0, err[-2000:]
+    assert stopped_s < 30, f"the stop took {stopped_s:.0f} s"
     assert not any(Path(f"/proc/{pid}").exists() for pid in children)  # the workers are gone too
 
 

@@ -64,8 +64,20 @@ def test_a_request_draws_from_the_youngest_rows_of_a_large_pool() -> None:
     assert stats.updates.tolist() == [0, 1, 1, 2, 2, 3, 3, 4, 4]
     index = ServingIndex.build(version, stats, max_uncertainty=0.5, max_pool=3)
     assert index.pool_rows.tolist() == [1, 2, 3, 4, 5, 6]  # all young, none indexed
-    assert [index.row_of[i] for i in index.pool_items] == [1, 2, 3]  # the youngest, youngest first
+    assert [index.row_of[i] for i in index.pool_items] == [1, 2, 3]  # the least trained first
     assert index.pool_uncertainty == pytest.approx((1.0, 1.0, 1 / np.sqrt(2)))
+    ids = list(version.item_ids)
+    ids[7] = "newest"  # a later item on a row numbered after the others: it comes first
+    version = _next(version, changed=[7], ids=ids)
+    stats.observe(version)
+    index = ServingIndex.build(version, stats, max_uncertainty=0.5, max_pool=3)
+    assert index.pool_items == ("newest", "new-1", "new-2")
+    ids = list(version.item_ids)
+    ids[1] = "newer-on-an-old-row"  # a row reused after eviction is as new as its item
+    version = _next(version, changed=[1], ids=ids)
+    stats.observe(version)
+    index = ServingIndex.build(version, stats, max_uncertainty=0.5, max_pool=3)
+    assert index.pool_items == ("newer-on-an-old-row", "newest", "new-2")
 
 
 def test_top_is_the_exact_inner_product_order() -> None:
