@@ -120,8 +120,7 @@ class ServingIndex:
         pool_rows = np.flatnonzero(has_item & ~confident).astype(np.int64)
         # Newest items first (the version that gave the row its item), then the least trained: a
         # row's index says nothing of its age, since rows are reused after eviction.
-        since = stats.since if len(stats.since) == len(uncertainty) else np.zeros(len(uncertainty), np.int64)
-        order = np.lexsort((-uncertainty[pool_rows], -since[pool_rows]))
+        order = np.lexsort((-uncertainty[pool_rows], -stats.since[pool_rows]))
         drawn = pool_rows[order[:max_pool]]
         return cls(
             version=version,

@@ -179,7 +179,8 @@ class Recommender:
 
     def _pool(self, exclude: set[str], tail: Sequence[str]) -> dict[str, float]:
         """Exploration candidates and their embedding uncertainty (1 for items the model lacks):
-        the ranking's tail, the index's youngest rows (``explore_pool``), the stream's new arrivals."""
+        the ranking's tail, the index's newest young rows (``explore_pool``), the stream's new
+        arrivals."""
         index = self._index
         if index is None:
             pool = dict.fromkeys(tail, 1.0)
