@@ -99,6 +99,12 @@ class Metrics:
             registry=self.registry,
         )
         self.indexed = Gauge("freshrec_index_items", "Items in the confident index.", registry=self.registry)
+        self.drawn = Gauge(
+            "freshrec_explore_drawn_items",
+            "Young items a request's exploration draw considers (the newest of the pool, at most "
+            "FRESHREC_SERVE__EXPLORE_POOL).",
+            registry=self.registry,
+        )
         self.pool = Gauge(
             "freshrec_explore_pool_items", "Items in the exploration pool.", registry=self.registry
         )
@@ -268,6 +274,7 @@ def create_app(
             metrics.lag.set(max(0.0, time.time() - index.version.created_at_ms / 1000))
             metrics.indexed.set(len(index.index_rows))
             metrics.pool.set(len(index.pool_rows))
+            metrics.drawn.set(len(index.pool_items))
         if recommender.reader is not None:
             for part, size in recommender.reader.sizes().items():
                 metrics.state.labels(part).set(size)

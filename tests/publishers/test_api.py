@@ -126,6 +126,9 @@ def test_recommendations_auth_validation_and_the_decision_log(
         assert 'freshrec_state_size{part="history_users"} 40.0' in metrics
         assert 'freshrec_request_seconds_count{route="/v1/recommendations/{user_id}"} 5.0' in metrics
         assert 'freshrec_state_size{part="counter_bytes"}' in metrics
+        index = stack.recommender.index
+        assert index is not None and len(index.pool_items) == min(len(index.pool_rows), 256)
+        assert f"freshrec_explore_drawn_items {float(len(index.pool_items))}" in metrics
 
     # Exactly the two good responses were logged, each item with its propensity, nothing for the 422s.
     logged = _impression_messages(api_settings)
