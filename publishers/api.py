@@ -13,18 +13,20 @@ producer sends it within ``FRESHREC_SERVE__IMPRESSIONS_LINGER_MS`` (batched: see
 stop delivers what is queued. A process that dies loses at most that last batch.
 ``POST /v1/events`` validates every event with the spine's contract first: one bad event makes the
 whole request a 422 naming each bad one, and none is published; otherwise all are published and
-acknowledged by Kafka (acks=all) before the 202.
+acknowledged by Kafka (acks=all) before the 202, or the answer is a 503 naming the failure.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the route signatures' annotations at
 # runtime, and ``k``'s bound (``max_k``) is a closure variable that a string annotation cannot name.
 
+import asyncio
 import logging
 import secrets
 import time
 from typing import Annotated
 
 import orjson
+from confluent_kafka import KafkaError
 from fastapi import FastAPI, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import (
@@ -36,7 +38,6 @@ from prometheus_client import (
     generate_latest,
 )
 from pydantic import BaseModel
-from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from freshrec.errors import InvalidEvent
@@ -170,6 +171,7 @@ def create_app(
     topics = settings.topics
     max_k = settings.serve.max_k
     log = decisions if decisions is not None else producer
+    producer.poll_in_background()  # POST /v1/events waits for its own delivery reports
 
     app.add_middleware(AuthAndTiming, token=token, metrics=metrics)
     app.include_router(dashboard_router(store))
@@ -259,10 +261,35 @@ def create_app(
             if not errors:
                 errors.append({"index": None, "reason": "empty", "detail": "no event in the request"})
             return JSONResponse({"detail": errors}, status_code=422)
+        # 202 once the broker acknowledged these events (not everyone's: no flush), awaited without
+        # holding up the event loop; the delivery reports arrive on the producer's polling thread.
+        loop = asyncio.get_running_loop()
+        acknowledged = loop.create_future()
+        pending = [len(events)]
+        failures: list[str] = []
+
+        def settle(error: KafkaError | None) -> None:  # on the loop
+            if error is not None:
+                failures.append(str(error))
+            pending[0] -= 1
+            if pending[0] == 0 and not acknowledged.done():
+                acknowledged.set_result(None)
+
+        def delivered(error: KafkaError | None) -> None:  # on a thread serving delivery reports
+            loop.call_soon_threadsafe(settle, error)
+
         for event in events:
-            producer.produce(topics.events, event.to_json(), key=event.user_id.encode())
-        # Off the event loop: waiting for the broker's acknowledgement must not hold up other requests.
-        await run_in_threadpool(producer.flush, 10.0)
+            producer.produce(
+                topics.events, event.to_json(), key=event.user_id.encode(), on_delivery=delivered
+            )
+        try:
+            await asyncio.wait_for(asyncio.shield(acknowledged), timeout=10.0)
+        except TimeoutError:
+            failures.append("not acknowledged by Kafka within 10 s")
+        if failures:
+            metrics.rejected.inc()
+            detail = f"{len(failures)} of {len(events)} events not stored: {failures[0]}"
+            return JSONResponse({"detail": detail}, status_code=503)
         metrics.events.inc(len(events))
         return JSONResponse({"accepted": len(events)}, status_code=202)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -46,6 +47,8 @@ class EventProducer:
         )
         self._producer = Producer(config)
         self._lock = threading.Lock()
+        self._poller: threading.Thread | None = None
+        self._closing = threading.Event()
         self.delivered = 0
         self.failed = 0
         self.last_error: KafkaError | None = None
@@ -69,20 +72,27 @@ class EventProducer:
         key: bytes | None = None,
         headers: Headers | None = None,
         timestamp_ms: int | None = None,
+        on_delivery: Callable[[KafkaError | None], None] | None = None,
     ) -> None:
-        """Queue one record; blocks (serving delivery reports) while the local queue is full."""
+        """Queue one record; blocks (serving delivery reports) while the local queue is full.
+        ``on_delivery(error)`` runs once the broker acknowledged it (error None) or it failed, on
+        whichever thread serves delivery reports (:meth:`poll_in_background`, ``flush``)."""
+        report: Callable[[KafkaError | None, Message], None] = self._on_delivery
+        if on_delivery is not None:
+
+            def both(error: KafkaError | None, message: Message) -> None:
+                self._on_delivery(error, message)
+                on_delivery(error)
+
+            report = both
+
         while True:
             try:
                 if timestamp_ms is None:
-                    self._producer.produce(topic, value, key, on_delivery=self._on_delivery, headers=headers)
+                    self._producer.produce(topic, value, key, on_delivery=report, headers=headers)
                 else:
                     self._producer.produce(
-                        topic,
-                        value,
-                        key,
-                        on_delivery=self._on_delivery,
-                        headers=headers,
-                        timestamp=timestamp_ms,
+                        topic, value, key, on_delivery=report, headers=headers, timestamp=timestamp_ms
                     )
                 break
             except BufferError:
@@ -102,10 +112,26 @@ class EventProducer:
         if self.failed:
             raise KafkaUnavailable(f"{self.failed} records failed delivery; last error: {self.last_error}")
 
+    def poll_in_background(self) -> None:
+        """Serve delivery reports on a thread of their own from now until :meth:`close`, so that a
+        caller can wait for its own records' ``on_delivery`` instead of flushing everyone's."""
+        if self._poller is None:
+            self._poller = threading.Thread(target=self._poll, name="freshrec-producer-poll", daemon=True)
+            self._poller.start()
+
+    def _poll(self) -> None:
+        while not self._closing.is_set():
+            self._producer.poll(0.1)
+
     def close(self) -> None:
         """Deliver everything queued, then release the Kafka client (no produce after this)."""
-        self.flush()
-        del self._producer  # the librdkafka client goes now, not whenever its owner is collected
+        self._closing.set()
+        if self._poller is not None:
+            self._poller.join()
+        try:
+            self.flush()  # raises if a record was not delivered
+        finally:
+            del self._producer  # the librdkafka client goes now, not whenever its owner is collected
 
     def __enter__(self) -> EventProducer:
         return self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 import uuid
@@ -13,13 +14,16 @@ import pytest
 from confluent_kafka import Consumer
 from support import free_port_pair, wait_until
 
+from freshrec.errors import KafkaUnavailable
 from freshrec.settings import ServeSettings, Settings, StreamSettings, TrainSettings
 from freshrec.store import Store
 from learners.finetune import FineTuner
 from learners.sequences import Sequences
 from publishers import ips
+from publishers.api import create_app
 from publishers.publisher import Publisher
 from publishers.server import ServingStack
+from publishers.serving import Recommender
 from publishers.snapshots import SnapshotStore
 from streams import sink
 from streams.admin import ensure_topics
@@ -233,3 +237,24 @@ def test_a_long_decision_log_batch_is_delivered_at_stop_and_posts_do_not_wait_fo
     finally:
         stack.stop()  # delivers the batch
     assert [m["request_id"] for m in _impression_messages(api_settings)] == [served["request_id"]]
+
+
+def test_an_event_kafka_does_not_acknowledge_is_a_503_not_a_202(
+    make_settings: Callable[..., Settings],
+) -> None:
+    dead, _ = free_port_pair()  # nothing listens there: delivery times out
+    settings = make_settings(kafka_bootstrap=f"127.0.0.1:{dead}")
+    producer = EventProducer(settings, **{"message.timeout.ms": 1000})
+    app = create_app(settings, recommender=Recommender(settings=settings.serve), producer=producer)
+    event = {"event_id": "e-1", "user_id": "u", "item_id": "i", "type": "view", "ts": int(time.time() * 1000)}
+
+    async def post() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
+            return await client.post("/v1/events", json=event)
+
+    response = asyncio.run(post())
+    assert response.status_code == 503, response.text
+    assert response.json()["detail"].startswith("1 of 1 events not stored")
+    assert producer.failed == 1
+    with pytest.raises(KafkaUnavailable, match="1 records failed delivery"):
+        producer.close()  # says so, and still releases the client (and its polling thread)
