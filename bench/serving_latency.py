@@ -37,7 +37,6 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
-import uvicorn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import bench_cluster
@@ -45,11 +44,11 @@ from harness import bench_cluster
 from freshrec.settings import ServeSettings, Settings, StreamSettings
 from learners.sasrec import SASRec, SASRecConfig
 from publishers.api import create_app
-from publishers.dealer import Dealer, DealtServer
+from publishers.dealer import Dealer
 from publishers.replica import Replica
+from publishers.server import api_producers, api_server
 from publishers.serving import Recommender
 from publishers.updates import ModelVersion, snapshot_update
-from streams.producer import EventProducer
 from streams.reader import StateReader
 from streams.worker import StreamWorker
 
@@ -125,15 +124,10 @@ def _serve(dealer: Dealer, n: int, settings: Settings, recommender: Recommender,
     """Server process ``n``: the API over the (inherited) recommender, serving the connections dealt
     to it, as a worker of ``freshrec serve --workers`` does."""
     channel = dealer.channel(n)
-    torch.set_num_threads(ServeSettings().torch_threads)
-    # As `freshrec serve` (publishers/server.py): posted events at once, the decision log batched.
-    producer = EventProducer(settings, **{"linger.ms": 1})
-    decisions = EventProducer(settings, **{"linger.ms": settings.serve.impressions_linger_ms})
+    torch.set_num_threads(settings.serve.torch_threads)
+    producer, decisions = api_producers(settings)
     app = create_app(settings, recommender=recommender, producer=producer, decisions=decisions)
-    config = uvicorn.Config(
-        app, log_level="warning", lifespan="off", http="httptools", loop="uvloop", access_log=False
-    )
-    server = DealtServer(config, channel)
+    server = api_server(app, settings, channel)
 
     def announce() -> None:
         while not server.started:

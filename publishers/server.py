@@ -27,6 +27,7 @@ import time
 
 import torch
 import uvicorn
+from fastapi import FastAPI
 
 from freshrec.errors import ConfigError
 from freshrec.processes import die_with_parent
@@ -41,7 +42,7 @@ from streams.producer import EventProducer
 from streams.reader import StateReader
 from streams.worker import StreamWorker
 
-__all__ = ["ServingStack", "serve"]
+__all__ = ["ServingStack", "api_producers", "api_server", "serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,7 @@ class ServingStack:
         self.worker = StreamWorker(self.settings)
         self.replica = Replica(snapshots=SnapshotStore.for_settings(settings))
         self.subscriber = ReplicaSubscriber(settings, self.replica)
-        self.producer = EventProducer(settings, **{"linger.ms": 1})
-        self.decisions = EventProducer(settings, **{"linger.ms": settings.serve.impressions_linger_ms})
+        self.producer, self.decisions = api_producers(settings)
         self.recommender = Recommender(
             settings=settings.serve, replica=self.replica, reader=StateReader(self.worker)
         )
@@ -80,19 +80,7 @@ class ServingStack:
             subscriber=self.subscriber,
             store=store,
         )
-        config = uvicorn.Config(
-            self.app,
-            host=settings.api_host,
-            port=settings.api_port,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            http="httptools",
-            loop="uvloop",
-            timeout_graceful_shutdown=10,  # a stop waits at most this long for open connections
-        )
-        # A worker of `serve`: connections are dealt to it (publishers.dealer); else it listens.
-        self.server = uvicorn.Server(config) if channel is None else DealtServer(config, channel)
+        self.server = api_server(self.app, settings, channel)
         self.store = store
         self._threads: list[threading.Thread] = []
 
@@ -138,6 +126,30 @@ class ServingStack:
         """Block until the API stops (SIGINT/SIGTERM reach uvicorn only in the main thread: see the CLI)."""
         for thread in self._threads:
             thread.join()
+
+
+def api_producers(settings: Settings) -> tuple[EventProducer, EventProducer]:
+    """The API's producers: one for posted events, sent at once (they change recommendations), and
+    one for the decision log, batched (``ServeSettings.impressions_linger_ms``)."""
+    events = EventProducer(settings, **{"linger.ms": 1})
+    return events, EventProducer(settings, **{"linger.ms": settings.serve.impressions_linger_ms})
+
+
+def api_server(app: FastAPI, settings: Settings, channel: socket.socket | None = None) -> uvicorn.Server:
+    """uvicorn over ``app``: listening on ``api_host:api_port``, or, for a worker of :func:`serve`,
+    serving the connections dealt over ``channel`` (:mod:`publishers.dealer`)."""
+    config = uvicorn.Config(
+        app,
+        host=settings.api_host,
+        port=settings.api_port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        http="httptools",
+        loop="uvloop",
+        timeout_graceful_shutdown=10,  # a stop waits at most this long for open connections
+    )
+    return uvicorn.Server(config) if channel is None else DealtServer(config, channel)
 
 
 def serve(settings: Settings, *, workers: int, stop: threading.Event) -> int:
