@@ -265,14 +265,15 @@ def create_app(
         # holding up the event loop; the delivery reports arrive on the producer's polling thread.
         loop = asyncio.get_running_loop()
         acknowledged = loop.create_future()
-        pending = [len(events)]
+        pending = len(events)
         failures: list[str] = []
 
         def settle(error: KafkaError | None) -> None:  # on the loop
+            nonlocal pending
             if error is not None:
                 failures.append(str(error))
-            pending[0] -= 1
-            if pending[0] == 0 and not acknowledged.done():
+            pending -= 1
+            if pending == 0 and not acknowledged.done():  # done: cancelled by the timeout
                 acknowledged.set_result(None)
 
         def delivered(error: KafkaError | None) -> None:  # on a thread serving delivery reports
@@ -283,7 +284,7 @@ def create_app(
                 topics.events, event.to_json(), key=event.user_id.encode(), on_delivery=delivered
             )
         try:
-            await asyncio.wait_for(asyncio.shield(acknowledged), timeout=10.0)
+            await asyncio.wait_for(acknowledged, timeout=10.0)
         except TimeoutError:
             failures.append("not acknowledged by Kafka within 10 s")
         if failures:
