@@ -41,7 +41,6 @@ class Dealer:
         self._pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(workers)]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.dealt = 0
 
     def channel(self, n: int) -> socket.socket:
         """In worker ``n``, after the fork: its end of its channel (every other descriptor closed)."""
@@ -91,7 +90,6 @@ class Dealer:
                         socket.send_fds(ours, [b"c"], [conn.fileno()], socket.MSG_DONTWAIT)
                     except OSError:
                         continue  # that worker is gone, or its channel is full: the next one
-                    self.dealt += 1
                     break
                 else:
                     logger.warning("no serving worker took a connection; closed it")
