@@ -37,6 +37,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, Metric
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -47,6 +48,7 @@ from freshrec.store import Store
 from publishers.dashboard import PAGE_PATH
 from publishers.dashboard import router as dashboard_router
 from publishers.replica import ReplicaSubscriber
+from publishers.scan import ScanCounts
 from publishers.serving import Recommender
 from streams.impressions import encode_impression
 from streams.producer import EventProducer
@@ -75,11 +77,33 @@ class Accepted(BaseModel):
     accepted: int
 
 
+class _ScanCollector:
+    """``freshrec_retrieval_scans_total{scan}``: retrieval scans by outcome, read from the counts the
+    recommender keeps (a Counter object would need its increments mirrored)."""
+
+    def __init__(self, counts: ScanCounts) -> None:
+        self.counts = counts
+
+    def collect(self) -> list[Metric]:
+        family = CounterMetricFamily(
+            "freshrec_retrieval_scans",
+            "Retrieval scans: certified (int8, proven exact), fallback (int8, then again in fp32) or "
+            "fp32 (a table too small to quantise, or FRESHREC_SERVE__QUANTIZED_SCAN=false).",
+            labels=["scan"],
+        )
+        family.add_metric(["certified"], self.counts.certified)
+        family.add_metric(["fallback"], self.counts.fallback)
+        family.add_metric(["fp32"], self.counts.fp32)
+        return [family]
+
+
 class Metrics:
     """Prometheus metrics of one API instance (its own registry: several apps in a process stay apart)."""
 
-    def __init__(self) -> None:
+    def __init__(self, scans: ScanCounts | None = None) -> None:
         self.registry = CollectorRegistry()
+        if scans is not None:
+            self.registry.register(_ScanCollector(scans))
         self.latency = Histogram(
             "freshrec_request_seconds",
             "Request latency by route.",
@@ -165,7 +189,7 @@ def create_app(
     large batches: see ``ServeSettings.impressions_linger_ms``; None: ``producer``). The dashboard
     reads ``store`` (without one, its data routes answer 503 and say why)."""
     app = FastAPI(title="freshrec", version="1", summary="Streaming, online-learning recommendations.")
-    metrics = Metrics()
+    metrics = Metrics(recommender.scans)
     # An empty token (e.g. an unset variable in docker-compose) means no authentication, not "Bearer ".
     token = (settings.api_token.get_secret_value() if settings.api_token else None) or None
     topics = settings.topics

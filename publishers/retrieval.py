@@ -1,8 +1,10 @@
 """A model version made servable: user states from the transformer, and an exact, confident index.
 
-**Retrieval is exact**: the score of every indexed item is one matrix product of the user's state
-with the item table (DESIGN.md §3: brute force at this scale beats approximate indexes on recall and
-sits near the memory-bandwidth floor; measured in ``bench/serving_latency.py``), then a ``topk``.
+**Retrieval is exact**: every indexed item is scored against the user's state in one scan of the
+item table (DESIGN.md §3: brute force at this scale beats approximate indexes on recall and sits
+near the memory-bandwidth floor; measured in ``bench/serving_latency.py``). The scan is
+:class:`publishers.scan.ExactScan`: int8 products with a per-row error bound, and an fp32 re-score
+of a shortlist that is certified to hold the exact top-n.
 
 **Index construction keeps the index confident** (Shopee's lesson): an item whose embedding row is
 young — carried by few versions since its item got the row — is *not* put in the main index, so a
@@ -22,6 +24,7 @@ import numpy.typing as npt
 import torch
 
 from learners.sasrec import SASRec, SASRecConfig
+from publishers.scan import ExactScan, ScanCounts
 from publishers.updates import ModelVersion
 
 __all__ = ["RowStats", "ServingIndex"]
@@ -92,7 +95,8 @@ class ServingIndex:
     item_of: tuple[str | None, ...]
     uncertainty: FloatArray  # per row: how young its embedding is (RowStats)
     index_rows: IntArray  # confident rows: the main index
-    index_vectors: FloatArray  # (len(index_rows), D), contiguous: one matrix product per query
+    index_vectors: FloatArray  # (len(index_rows), D), contiguous
+    scan: ExactScan  # exact top-n over index_vectors
     pool_rows: IntArray  # uncertain rows: the exploration pool
     # The pool's ``max_pool`` newest items (by the version that gave their row its item; then the
     # least trained) and their uncertainties: what one request's exploration draw considers, listed
@@ -102,8 +106,16 @@ class ServingIndex:
 
     @classmethod
     def build(
-        cls, version: ModelVersion, stats: RowStats, *, max_uncertainty: float, max_pool: int = 256
+        cls,
+        version: ModelVersion,
+        stats: RowStats,
+        *,
+        max_uncertainty: float,
+        max_pool: int = 256,
+        quantized: bool = True,
+        scan_counts: ScanCounts | None = None,
     ) -> ServingIndex:
+        """``quantized`` and ``scan_counts`` go to :class:`ExactScan` (counts can outlive versions)."""
         config = SASRecConfig.from_dict(dict(version.config))
         model = SASRec(config, rows=version.params[TABLE].shape[0])
         model.load_state_dict(
@@ -130,6 +142,7 @@ class ServingIndex:
             uncertainty=uncertainty,
             index_rows=index_rows,
             index_vectors=index_vectors,
+            scan=ExactScan(index_vectors, quantized=quantized, counts=scan_counts),
             pool_rows=pool_rows,
             pool_items=tuple(str(version.item_ids[row]) for row in drawn.tolist()),
             pool_uncertainty=tuple(uncertainty[drawn].tolist()),
@@ -149,15 +162,8 @@ class ServingIndex:
         """The ``n`` best indexed items for ``user`` by exact inner product, ``exclude`` left out."""
         if not len(self.index_rows) or n <= 0:
             return []
-        # torch on the calling thread's (single) OpenMP thread: numpy's BLAS woke its own thread pool
-        # for every query (0.6 ms a query). torch.topk, not numpy.argpartition: at 1M scores the
-        # partition alone took 10 ms against 2 ms (bench/serving_latency.py prints both).
-        table = torch.from_numpy(self.index_vectors)  # (I, D), shares memory
-        query = torch.from_numpy(user)  # (D,)
-        want = min(table.shape[0], n + len(exclude))
-        # A bfloat16 scan with an fp32 re-score of a shortlist was measured too: no faster here
-        # (12.0-12.1 ms at 1M items either way; bench/serving_latency.py prints it), so it is not used.
-        values, positions = torch.topk(torch.mv(table, query), want)  # sorted, best first
+        want = n + len(exclude)
+        positions, values = self.scan.top(user, want)  # best first
         out: list[tuple[str, float]] = []
         for position, score in zip(positions.tolist(), values.tolist(), strict=True):
             item = self.item_of[int(self.index_rows[position])]

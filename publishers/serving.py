@@ -44,6 +44,7 @@ import torch
 from freshrec.settings import ServeSettings
 from publishers.replica import Replica
 from publishers.retrieval import RowStats, ServingIndex
+from publishers.scan import ScanCounts
 from publishers.updates import ModelVersion
 from streams.reader import StateReader
 
@@ -84,6 +85,7 @@ class Recommender:
         self.reader = reader
         self.rng = np.random.default_rng(settings.seed)
         self._stats = RowStats()
+        self.scans = ScanCounts()  # over every version served, for /metrics
         self._index: ServingIndex | None = None
         self._popular_cache: tuple[float, list[tuple[str, float]]] | None = None
         self._known: list[str] = []  # the model's items, for epsilon's uniform draw
@@ -107,6 +109,8 @@ class Recommender:
             self._stats,
             max_uncertainty=self.settings.index_max_uncertainty,
             max_pool=self.settings.explore_pool,
+            quantized=self.settings.quantized_scan,
+            scan_counts=self.scans,
         )
         logger.info(
             "serving v%d: %d items indexed, %d in the exploration pool",

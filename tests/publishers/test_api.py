@@ -133,6 +133,10 @@ def test_recommendations_auth_validation_and_the_decision_log(
         index = stack.recommender.index
         assert index is not None and len(index.pool_items) == min(len(index.pool_rows), 256)
         assert f"freshrec_explore_drawn_items {float(len(index.pool_items))}" in metrics
+        # One user with a history was served (the 422s never reached retrieval): one fp32 scan, as
+        # this small catalogue is not quantised.
+        assert 'freshrec_retrieval_scans_total{scan="fp32"} 1.0' in metrics
+        assert 'freshrec_retrieval_scans_total{scan="certified"} 0.0' in metrics
 
     # Exactly the two good responses were logged, each item with its propensity, nothing for the 422s.
     logged = _impression_messages(api_settings)

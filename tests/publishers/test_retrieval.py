@@ -8,6 +8,7 @@ import torch
 
 from learners.sasrec import SASRec, SASRecConfig
 from publishers.retrieval import TABLE, RowStats, ServingIndex
+from publishers.scan import QUANTIZE_FROM
 from publishers.updates import ModelVersion
 
 
@@ -80,11 +81,13 @@ def test_a_request_draws_from_the_youngest_rows_of_a_large_pool() -> None:
     assert index.pool_items == ("newer-on-an-old-row", "newest", "new-2")
 
 
-def test_top_is_the_exact_inner_product_order() -> None:
-    version = _version(20_000, dim=32)
+@pytest.mark.parametrize("items", [20_000, QUANTIZE_FROM + 10])
+def test_top_is_the_exact_inner_product_order(items: int) -> None:
+    version = _version(items, dim=32)
     stats = RowStats()
     stats.observe(version)
     index = ServingIndex.build(version, stats, max_uncertainty=0.5)
+    assert index.scan.quantized == (items >= QUANTIZE_FROM)  # the int8 scan, or fp32 alone
     rng = np.random.default_rng(3)
     for _ in range(20):
         user = rng.normal(size=32).astype(np.float32)
@@ -101,3 +104,5 @@ def test_top_is_the_exact_inner_product_order() -> None:
             float(np.float32(index.index_vectors[np.searchsorted(index.index_rows, r)] @ user)) for r in rows
         ]
         assert [score for _, score in got] == pytest.approx(exact, rel=1e-5, abs=1e-5)
+    counts = index.scan.counts
+    assert counts.fallback == 0 and counts.certified + counts.fp32 == 20
