@@ -88,7 +88,7 @@ class _ScanCollector:
         family = CounterMetricFamily(
             "freshrec_retrieval_scans",
             "Retrieval scans: certified (int8, proven exact), fallback (int8, then again in fp32) or "
-            "fp32 (a table too small to quantise, or FRESHREC_SERVE__QUANTIZED_SCAN=false).",
+            "fp32 (a table not quantised, a zero query, or int8 given up on this table).",
             labels=["scan"],
         )
         family.add_metric(["certified"], self.counts.certified)

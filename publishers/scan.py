@@ -2,7 +2,9 @@
 
 Retrieval reads the whole table once per query, so its cost is the table's bytes and the arithmetic
 on them. At 1M items of dimension 64, an fp32 ``mv`` + ``topk`` took 12.2 ms on one core here; the
-scan below took 4.4-4.9 ms, and its answer is the same:
+scan below took 4.4-5.1 ms (n = 10 to 120). Its answer is exact: the n rows with the highest inner
+products, ties in any order, scored as fp32 products (which may differ from a full fp32 scan's in
+the last bit).
 
 1. **An int8 scan with an upper bound per row.** Each row is quantised once per version with its
    own scale (``w ≈ s_w c_w``, ``c_w`` int8, ``s_w = max|w| / 127``), and each query likewise
@@ -20,8 +22,11 @@ scan below took 4.4-4.9 ms, and its answer is the same:
    exactly in fp32. Any other row scores at most ``s_u`` times the shortlist's lowest bound, so when
    the shortlist's n-th exact score reaches that, its top n is the table's top n. When it does not,
    the query is scanned again in fp32. :class:`ScanCounts` counts both; ``/metrics`` shows them.
-   Synthetic tables certified every query, Gaussian rows or rows whose norms spread log-normally
-   (``bench/serving_latency.py`` prints the rate).
+   Synthetic tables certified every query, Gaussian rows or rows whose norms spread log-normally,
+   at D = 32 to 128 and n = 10 to 300 (``bench/serving_latency.py`` prints the rate). The bound
+   grows with D faster than the gaps between the top scores, so wider tables
+   (:data:`QUANTIZE_MAX_DIM`) are scanned in fp32, and a table whose queries keep falling back
+   gives up the int8 scan after a probation (:data:`PROBATION`).
 3. **A blocked top-k** (:func:`block_topk`). ``torch.topk`` over 1M scores took 2.1 ms. The top
    ``m`` can only lie in the ``m`` blocks of 64 with the highest maxima, so ``topk`` runs over
    the block maxima and then over those blocks: 0.14 ms. The fp32 scan uses it too (10.0 ms).
@@ -36,8 +41,9 @@ Measured and not kept:
   a bf16 ``mv`` 9.6 ms).
 
 ``torch._int_mm`` is a private operator (it backs torch's own int8 quantisation): if this build of
-torch lacks it, or with ``quantized=False`` (``FRESHREC_SERVE__QUANTIZED_SCAN``), or below
-:data:`QUANTIZE_FROM` rows, every query runs the fp32 scan.
+torch lacks it, or with ``quantized=False`` (``FRESHREC_SERVE__QUANTIZED_SCAN``), below
+:data:`QUANTIZE_FROM` rows, or when the table holds NaN or inf, every query runs the fp32 scan; so do
+zero and tiny queries.
 """
 
 from __future__ import annotations
@@ -59,12 +65,24 @@ IntArray = npt.NDArray[np.int64]
 
 BLOCK = 64  # scores per block in block_topk: 0.14 ms at 1M, against 0.17 (32) and 0.18 (125)
 QUANTIZE_FROM = 65_536  # rows; below, the fp32 scan is as fast (50k rows: 0.39 ms either way)
+# Widest rows quantised. The bound grows with D faster than the spread of the top scores: at 100k
+# Gaussian rows and n=120, 10 of 10 queries certified at D=128, 3 at D=256 and none at 512.
+QUANTIZE_MAX_DIM = 128
+# After this many int8 scans of one table, if more than this share fell back, the table is scanned
+# in fp32 only (each fallback pays for both scans).
+PROBATION = 64
+MAX_FALLBACK_SHARE = 0.25
+_TINY = 1e-30  # rows and queries whose largest entry is below this are not quantised (no subnormals)
+_CHUNK = 65_536  # rows quantised at a time: the build's temporaries stay small
 
 
 @dataclass
 class ScanCounts:
     """Queries by how they were scanned: int8 and certified, int8 then again in fp32 (fallback), or
-    in fp32 alone (a table not quantised)."""
+    in fp32 alone (a table not quantised, a zero or tiny query, or int8 given up on this table).
+
+    Plain integers, incremented without a lock: serving calls the scan from one thread (the API's
+    event loop)."""
 
     certified: int = 0
     fallback: int = 0
@@ -106,25 +124,60 @@ def _int_mm_works() -> bool:
 
 
 class ExactScan:
-    """The exact top-n of ``vectors @ query`` over a read-only table; see the module docstring."""
+    """The exact top-n of ``vectors @ query`` over a read-only table; see the module docstring.
+
+    Exact means: the n rows with the highest true inner products (ties in any order), scored as fp32
+    products, which can differ from a full fp32 scan's in the last bit."""
 
     def __init__(
-        self, vectors: FloatArray, *, quantized: bool = True, counts: ScanCounts | None = None
+        self,
+        vectors: FloatArray,
+        *,
+        quantized: bool = True,
+        counts: ScanCounts | None = None,
+        min_rows: int = QUANTIZE_FROM,
     ) -> None:
         self.table = torch.from_numpy(vectors)  # (N, D) float32, shares memory
         self.counts = counts if counts is not None else ScanCounts()
         self._codes: torch.Tensor | None = None
-        if quantized and vectors.shape[0] >= QUANTIZE_FROM and vectors.shape[1] and _int_mm_works():
-            magnitude = np.abs(vectors)
+        self._attempts = self._fallbacks = 0
+        rows, dim = vectors.shape
+        if quantized and rows >= min_rows and 0 < dim <= QUANTIZE_MAX_DIM and _int_mm_works():
+            self._quantize(vectors)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether queries take the int8 scan (not below the size, above the width, with NaN in
+        the table, or once given up after the probation)."""
+        return self._codes is not None
+
+    def _quantize(self, vectors: FloatArray) -> None:
+        rows, dim = vectors.shape
+        codes = np.empty((rows, dim), dtype=np.int8)
+        scale = np.empty(rows, dtype=np.float32)
+        l1_term = np.empty(rows, dtype=np.float32)
+        for start in range(0, rows, _CHUNK):
+            part = vectors[start : start + _CHUNK].astype(np.float64)
+            magnitude = np.abs(part)
+            if not np.isfinite(magnitude).all():
+                logger.warning("the item table holds NaN or inf: retrieval scans it in fp32")
+                return
             row_max = magnitude.max(axis=1)
-            scale = (row_max / 127.0).astype(np.float32)
-            safe = np.where(scale > 0, scale, np.float32(1.0))  # an all-zero row keeps codes 0, scale 0
-            codes = np.rint(vectors / safe[:, None]).astype(np.int8)
-            self._codes = torch.from_numpy(codes).t()  # (D, N): _int_mm's right operand
-            self._scale = torch.from_numpy(scale)
-            self._half_l1 = torch.from_numpy((magnitude.sum(axis=1) / 2).astype(np.float32))
-            self._max_abs = float(row_max.max())
-        self.quantized = self._codes is not None
+            l1 = magnitude.sum(axis=1)
+            tiny = row_max < _TINY
+            # The scale as stored (fp32); codes rounded against that very value, in float64.
+            s = np.where(tiny, 0.0, row_max / 127.0).astype(np.float32)
+            divisor = np.where(tiny, 1.0, s.astype(np.float64))
+            codes[start : start + len(part)] = np.clip(np.rint(part / divisor[:, None]), -127, 127)
+            codes[start : start + len(part)][tiny] = 0
+            scale[start : start + len(part)] = s
+            # ‖w‖₁/2, or, for a row too small to quantise (codes 0, scale 0), 127 ‖w‖₁: then
+            # s_u * 127 ‖w‖₁ = max|u| ‖w‖₁ >= |u·w|. Rounded up so that fp32 never loses the bound.
+            term = np.where(tiny, 127.0 * l1, l1 / 2)
+            l1_term[start : start + len(part)] = np.nextafter(term.astype(np.float32), np.float32(np.inf))
+        self._codes = torch.from_numpy(codes).t()  # (D, N): _int_mm's right operand
+        self._scale = torch.from_numpy(scale)
+        self._l1_term = torch.from_numpy(l1_term)
 
     def top(self, query: FloatArray, n: int) -> tuple[IntArray, FloatArray]:
         """Positions and fp32 scores of the ``n`` best rows for ``query``, best first."""
@@ -134,12 +187,22 @@ class ExactScan:
         # torch, on the calling thread's OpenMP thread: numpy's BLAS woke its own thread pool for
         # every query (0.6 ms a query).
         u = torch.from_numpy(np.ascontiguousarray(query, dtype=np.float32))
-        if self._codes is not None:
-            found = self._certified(u, n)
-            if found is not None:
+        found = self.bounds(u)
+        if found is not None:
+            self._attempts += 1
+            answer = self._certified(u, n, *found)
+            if answer is not None:
                 self.counts.certified += 1
-                return found
+                return answer
             self.counts.fallback += 1
+            self._fallbacks += 1
+            if self._attempts >= PROBATION and self._fallbacks > MAX_FALLBACK_SHARE * self._attempts:
+                logger.warning(
+                    "int8 retrieval fell back to fp32 for %d of %d queries: fp32 only from now on",
+                    self._fallbacks,
+                    self._attempts,
+                )
+                self._codes = None
         else:
             self.counts.fp32 += 1
         values, positions = block_topk(torch.mv(self.table, u), n)
@@ -147,34 +210,40 @@ class ExactScan:
 
     def bounds(self, u: torch.Tensor) -> tuple[float, torch.Tensor, float] | None:
         """``(s_u, bound, ‖u‖₁)`` with ``s_u * bound[r] >= u · row r`` for every row (module
-        docstring), or None when the table is not quantised or ``u`` is zero or not finite."""
-        if self._codes is None:
+        docstring; the fp32 arithmetic of the bound is covered for D <= QUANTIZE_MAX_DIM), or None
+        when the table is not quantised, or ``u`` is zero, tiny or not finite."""
+        codes = self._codes
+        if codes is None:
             return None
+        top = float(u.abs().max())
         u_l1 = float(u.abs().sum())
-        su = float(u.abs().max()) / 127.0
-        if su == 0.0 or not np.isfinite(u_l1):
+        if not (_TINY <= top < float("inf")) or not np.isfinite(u_l1):
             return None
-        q = torch.round(u * (1.0 / su)).to(torch.int8)[None, :]  # (1, D), |q| <= 127
-        products = torch._int_mm(q, self._codes)[0]  # (N,) int32: exact integer dot products
-        # s_w (q·c_w + ‖u‖₁/(2 s_u) + ¼D) + ‖w‖₁/2, in two passes over per-row constants
-        bound = torch.add(self._half_l1, self._scale, alpha=u_l1 / (2 * su) + 0.25 * u.shape[0])
+        su = top / 127.0
+        q = torch.clamp(torch.round(u.double() / su), -127, 127).to(torch.int8)[None, :]  # (1, D)
+        products = torch._int_mm(q, codes)[0]  # (N,) int32: exact integer dot products
+        dim = u.shape[0]
+        # s_w (q·c_w + ‖u‖₁/(2 s_u) + ¼D) + ‖w‖₁/2, in two passes over per-row constants. The
+        # ‖u‖₁ term is widened by (D + 16) 2⁻²³ · 254 of itself: more than the fp32 rounding of
+        # these sums (each under D 2⁻²⁴ ‖u‖₁ max|w|, and max|w| = 127 s_w).
+        widen = 1.0 + (dim + 16) * 2.0**-23 * 254
+        alpha = u_l1 / (2 * su) * widen + 0.25 * dim
+        bound = torch.add(self._l1_term, self._scale, alpha=alpha)
         bound.addcmul_(self._scale, products)
         return su, bound, u_l1
 
-    def _certified(self, u: torch.Tensor, n: int) -> tuple[IntArray, FloatArray] | None:
-        """The int8 scan's answer when its certificate holds (module docstring), else None."""
+    def _certified(
+        self, u: torch.Tensor, n: int, su: float, bound: torch.Tensor, u_l1: float
+    ) -> tuple[IntArray, FloatArray] | None:
+        """The shortlist's top n when the certificate holds (module docstring), else None."""
         rows, dim = self.table.shape
-        found = self.bounds(u)
-        if found is None:
-            return None
-        su, bound, u_l1 = found
         m = min(rows, 2 * n + 64)
         highest, shortlist = block_topk(bound, m)
-        values, order = torch.topk(torch.mv(self.table[shortlist], u), n)  # exact fp32 re-score
+        values, order = torch.topk(torch.mv(self.table[shortlist], u), n)  # fp32 re-score
         if m < rows:
-            # Any row outside the shortlist scores at most su * highest[-1]. Slack for fp32 rounding:
-            # each sum above errs by less than D * 2**-23 * ‖u‖₁ * max|w|.
-            slack = dim * 2.0**-20 * u_l1 * self._max_abs
-            if float(values[-1]) < su * float(highest[-1]) + slack:
+            # Rows outside the shortlist score at most su * highest[-1]; the n-th re-scored value
+            # may sit above its true score by its own fp32 rounding, at most D 2⁻²⁴ ‖u‖₁ max|w|.
+            rounding = (dim + 16) * 2.0**-24 * u_l1 * 127 * float(self._scale[shortlist].max())
+            if not float(values[-1]) - rounding >= su * float(highest[-1]):
                 return None
         return shortlist[order].numpy().astype(np.int64, copy=False), values.numpy()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from publishers.scan import QUANTIZE_FROM, ExactScan, block_topk
+from publishers.scan import PROBATION, QUANTIZE_FROM, QUANTIZE_MAX_DIM, ExactScan, block_topk
 
 ROWS = QUANTIZE_FROM + 4_321  # quantised, and not a whole number of blocks
 
@@ -16,10 +16,11 @@ def _table(kind: str, rows: int = ROWS, dim: int = 24, seed: int = 0) -> np.ndar
     table = rng.normal(size=(rows, dim)).astype(np.float32)
     if kind == "lognormal-norms":  # popular items often have long vectors
         table *= rng.lognormal(0.0, 0.8, size=(rows, 1)).astype(np.float32)
-    elif kind == "outliers":  # a few huge entries, many rows near zero, some exactly zero
+    elif kind == "outliers":  # a few huge entries, many rows near zero, some zero or subnormal
         table[rng.integers(0, rows, 50), rng.integers(0, dim, 50)] = 40.0
         table[: rows // 3] *= 1e-3
         table[rows // 3 : rows // 3 + 100] = 0.0
+        table[rows // 3 + 100 : rows // 3 + 200] *= 1e-40
     return table
 
 
@@ -38,51 +39,67 @@ def test_the_bound_is_above_every_rows_true_score(kind: str) -> None:
         assert found is not None
         su, bound, _ = found
         true = table.astype(np.float64) @ query.astype(np.float32).astype(np.float64)
-        assert np.all(su * bound.numpy().astype(np.float64) >= true - 1e-9)
+        assert np.all(su * bound.numpy().astype(np.float64) >= true)
         # ... and not uselessly loose: on average within a tenth of the scores' spread (5-7% here).
         assert np.mean(su * bound.numpy() - true) < 0.1 * np.std(true)
 
 
-def test_the_bound_holds_where_rounding_errors_all_add_up() -> None:
-    # A query and rows built so that every entry's rounding error is near half a step and they all
-    # push the true score above the int8 one: the bound must still hold, and is nearly reached.
+@pytest.mark.parametrize("dim", [24, QUANTIZE_MAX_DIM])
+def test_the_bound_holds_where_every_rounding_error_adds_up(dim: int) -> None:
+    # Every entry sits half a step off the grid and rounds away from zero (ties go to the even
+    # code), with u_i w_i < 0: all three error terms push the true score above the int8 estimate.
+    # The largest entries (which fix the scales, exactly) sit on different coordinates.
     rng = np.random.default_rng(5)
-    dim, rows, su, sw = 24, ROWS, 0.01, 0.02
-    signs = rng.choice([-1.0, 1.0], size=dim - 1)
-    q = rng.integers(1, 100, size=dim - 1) * signs
-    query = np.concatenate([[127 * su], su * (q + 0.499 * signs)]).astype(np.float32)  # e_u along c
-    codes = rng.integers(1, 100, size=(rows, dim - 1)) * signs
-    table = np.concatenate([np.full((rows, 1), 127 * sw), sw * (codes + 0.499 * signs)], axis=1)
-    table = table.astype(np.float32)  # entry 0 fixes both scales; e_w along u
-    found = ExactScan(table).bounds(torch.from_numpy(query))
+    rows, su, sw = 500, 2.0**-7, 2.0**-6
+    a = 2 * rng.integers(40, 63, size=dim) + 1  # odd: a + 0.5 rounds up to a + 1
+    b = 2 * rng.integers(40, 63, size=(rows, dim)) + 1
+    query = su * (a + 0.5)
+    query[0], query[1] = 127 * su, -0.5 * su
+    table = -sw * (b + 0.5)
+    table[:, 0], table[:, 1] = 0.5 * sw, -127 * sw
+    query, table = query.astype(np.float32), np.ascontiguousarray(table, dtype=np.float32)
+    found = ExactScan(table, min_rows=1).bounds(torch.from_numpy(query))
     assert found is not None
     scale, bound, _ = found
+    assert scale == su
     true = table.astype(np.float64) @ query.astype(np.float64)
     upper = scale * bound.numpy().astype(np.float64)
     assert np.all(upper >= true)
-    approx = su * sw * (127 * 127 + codes @ q)  # the int8 products' own estimate
-    assert np.min((true - approx) / (upper - approx)) > 0.75  # the error nearly reaches the bound
+    q = np.rint(query.astype(np.float64) / su)
+    codes = np.rint(table.astype(np.float64) / sw)
+    approx = su * sw * (codes @ q)  # the int8 products' own estimate
+    assert np.min((true - approx) / (upper - approx)) > 0.99  # the bound is all but reached
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "lognormal-norms", "outliers"])
 def test_top_is_the_exact_order_and_certified(kind: str) -> None:
     table = _table(kind)
+    table[-1] = 3 * np.abs(table).max()  # the best row for a positive query is the very last
     scan = ExactScan(table)
     assert scan.quantized
     rng = np.random.default_rng(2)
     queries = 0
-    for n in (1, 10, 300):
-        for _ in range(5):
-            query = rng.normal(size=24).astype(np.float32)
+    for n in (1, 10, 33, 300):
+        for query in [rng.normal(size=24).astype(np.float32) for _ in range(5)] + [np.ones(24, np.float32)]:
             positions, values = scan.top(query, n)
             queries += 1
             assert positions.tolist() == _exact_order(table, query, n)
             np.testing.assert_allclose(values, table[positions] @ query, rtol=1e-5, atol=1e-5)
+    assert scan.top(np.ones(24, np.float32), 1)[0].tolist() == [ROWS - 1]
     # The bound is tight enough that these tables never need the fp32 scan.
-    assert (scan.counts.certified, scan.counts.fallback) == (queries, 0)
+    assert (scan.counts.certified, scan.counts.fallback) == (queries + 1, 0)
 
 
-def test_an_uncertifiable_query_is_scanned_again_in_fp32() -> None:
+def test_a_shortlist_as_long_as_the_table_needs_no_certificate() -> None:
+    table = _table("gaussian", rows=500, dim=20)  # a dimension that is no multiple of 8
+    scan = ExactScan(table, min_rows=1)
+    query = np.random.default_rng(6).normal(size=20).astype(np.float32)
+    for n in (300, 500, 900):  # 2n + 64 >= rows
+        assert scan.top(query, n)[0].tolist() == _exact_order(table, query, min(n, 500))
+    assert scan.counts.certified == 3
+
+
+def test_uncertifiable_queries_are_scanned_again_in_fp32_until_int8_is_given_up() -> None:
     # Rows that differ by far less than an int8 step: the bound cannot separate them.
     rng = np.random.default_rng(3)
     base = rng.normal(size=16).astype(np.float32)
@@ -94,23 +111,36 @@ def test_an_uncertifiable_query_is_scanned_again_in_fp32() -> None:
     # Exact up to fp32 rounding, which reorders scores this close: compare the scores.
     best = np.sort(table.astype(np.float64) @ query.astype(np.float64))[::-1][:10]
     np.testing.assert_allclose(values, best, rtol=0, atol=1e-5)
+    for _ in range(PROBATION + 5):
+        scan.top(query, 10)
+    # Every query paid for two scans until the probation ended; since then, one fp32 scan each.
+    assert (scan.counts.fallback, scan.counts.fp32) == (PROBATION, 6) and not scan.quantized
 
 
-def test_edges_zero_query_small_tables_and_switched_off() -> None:
+def test_tables_and_queries_that_are_not_quantised() -> None:
     table = _table("gaussian")
     scan = ExactScan(table)
-    positions, values = scan.top(np.zeros(24, dtype=np.float32), 5)  # no scale: the fp32 scan
-    assert len(positions) == 5 and np.all(values == 0) and scan.counts.fallback == 1
+    positions, values = scan.top(np.zeros(24, dtype=np.float32), 5)  # a zero query: no scale
+    assert len(positions) == 5 and np.all(values == 0)
+    tiny = (1e-38 * np.random.default_rng(7).normal(size=24)).astype(np.float32)
+    assert scan.top(tiny, 10)[0].tolist() == _exact_order(table, tiny, 10)
+    assert (scan.counts.certified, scan.counts.fallback, scan.counts.fp32) == (0, 0, 2)
     assert scan.top(np.ones(24, dtype=np.float32), 0)[0].size == 0
+
     small = table[:1_000]
     assert not ExactScan(small).quantized  # below QUANTIZE_FROM the fp32 scan is as fast
     assert ExactScan(small).top(np.ones(24, dtype=np.float32), 5_000)[0].size == 1_000
+    wide = np.random.default_rng(8).normal(size=(QUANTIZE_FROM, QUANTIZE_MAX_DIM + 1)).astype(np.float32)
+    assert not ExactScan(wide).quantized  # the bound would rarely certify
+    broken = table.copy()
+    broken[17, 3] = np.nan
+    assert not ExactScan(broken).quantized  # NaN would poison the bound: fp32, NaN and all
+
     off = ExactScan(table, quantized=False)
     assert not off.quantized
-    off.top(np.ones(24, dtype=np.float32), 3)
-    assert (off.counts.certified, off.counts.fallback, off.counts.fp32) == (0, 0, 1)
     query = np.random.default_rng(4).normal(size=24)  # float64 is taken too
-    assert ExactScan(table, quantized=False).top(query, 7)[0].tolist() == _exact_order(table, query, 7)
+    assert off.top(query, 7)[0].tolist() == _exact_order(table, query, 7)
+    assert (off.counts.certified, off.counts.fallback, off.counts.fp32) == (0, 0, 1)
 
 
 @pytest.mark.parametrize("length", [1, 63, 64, 10_000, 100_003])
@@ -124,3 +154,5 @@ def test_block_topk_is_topk(length: int) -> None:
             expected = torch.topk(scores, min(m, length)).values
             assert torch.equal(values, expected)
             assert torch.equal(scores[positions], values) and len(set(positions.tolist())) == len(positions)
+        scores[-1] = scores.max() + 1  # the best score in the tail, past the last whole block
+        assert int(block_topk(scores, 3)[1][0]) == length - 1
