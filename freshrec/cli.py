@@ -485,12 +485,22 @@ def simulate(
             port=settings.api_port,
             plot=Path(plot),
         )
+    comparison = simulator.paired(summaries) if "none" in {s["policy"] for s in summaries} else []
     if as_json:
-        _emit_json(summaries)
+        _emit_json({"runs": summaries, "against_none": comparison})
         return
     columns = ["policy", "seed", "clicks_per_request", "coverage", "good_new_served_widely",
                "median_requests_to_widely"]  # fmt: skip
     _print_table(columns, [[s[c] for c in columns] for s in summaries], title="closed-loop simulation")
+    if comparison:
+        _print_table(
+            ["policy", "seeds", "clicks/request vs none", "95% interval"],
+            [
+                [c["policy"], c["seeds"], f"{c['mean']:+.1%}", f"[{c['low']:+.1%}, {c['high']:+.1%}]"]
+                for c in comparison
+            ],
+            title="paired by seed",
+        )
     _err.print(f"plot: {plot}", highlight=False)
 
 

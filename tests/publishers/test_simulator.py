@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import pytest
 from support import free_port_pair
 
 from freshrec.settings import Settings
@@ -31,3 +33,27 @@ def test_a_short_simulation_runs_every_policy_end_to_end(
     # Exploration shows more of the catalogue than the fused ranking alone.
     assert summaries[1]["coverage"] > summaries[0]["coverage"]
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # One seed: the paired comparison has its mean and no bounded interval.
+    (against,) = simulator.paired(summaries)
+    ratio = summaries[1]["clicks_per_request"] / summaries[0]["clicks_per_request"] - 1
+    assert against["policy"] == "uncertainty" and against["seeds"] == 1
+    assert against["mean"] == pytest.approx(ratio) and against["high"] == float("inf")
+
+
+def test_paired_differences_and_their_interval() -> None:
+    rows = [
+        {"policy": policy, "seed": seed, "clicks_per_request": value}
+        for policy, seed, value in [
+            ("none", 0, 1.00), ("none", 1, 1.10), ("none", 2, 0.90), ("none", 3, 1.00),
+            ("uncertainty", 0, 0.98), ("uncertainty", 1, 1.10), ("uncertainty", 2, 0.85),
+            ("uncertainty", 3, 0.97),
+            ("epsilon", 0, 0.95), ("epsilon", 9, 2.0),  # seed 9 has no baseline: not paired
+        ]
+    ]  # fmt: skip
+    by_policy = {c["policy"]: c for c in simulator.paired(rows)}
+    ratios = np.array([0.98 / 1.00, 1.10 / 1.10, 0.85 / 0.90, 0.97 / 1.00]) - 1
+    half = 3.182 * ratios.std(ddof=1) / 2  # t(0.975, 3 df) * sd / sqrt(4)
+    unc = by_policy["uncertainty"]
+    assert unc["seeds"] == 4 and unc["mean"] == pytest.approx(ratios.mean())
+    assert (unc["low"], unc["high"]) == pytest.approx((ratios.mean() - half, ratios.mean() + half))
+    assert by_policy["epsilon"]["seeds"] == 1 and by_policy["epsilon"]["mean"] == pytest.approx(-0.05)
