@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import gzip
 import logging
+import math
 import time
 import uuid
 from collections import Counter
@@ -334,7 +335,7 @@ def paired(
         ]
         n = len(ratios)
         mean = float(np.mean(ratios)) if n else float("nan")
-        half = _t975(n - 1) * float(np.std(ratios, ddof=1)) / np.sqrt(n) if n > 1 else float("inf")
+        half = _t975(n - 1) * float(np.std(ratios, ddof=1)) / math.sqrt(n) if n > 1 else float("inf")
         row = {"policy": policy, "baseline": baseline, "metric": metric, "seeds": n, "mean": mean}
         out.append(row | {"low": mean - half, "high": mean + half})
     return out
@@ -347,11 +348,18 @@ def _plot(runs: list[PolicyRun], path: Path, config: SimConfig) -> None:
     import matplotlib.pyplot as plt
 
     figure, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4))
+    # One colour per policy, one line per seed (labelled once): with many seeds, a colour per run
+    # repeats colours and hides which policy is which.
+    colours = {policy: f"C{n}" for n, policy in enumerate(dict.fromkeys(r.policy for r in runs))}
+    seeds = len({r.seed for r in runs})
+    labelled: set[str] = set()
     for result in runs:
-        label = f"{result.policy} (seed {result.seed})"
-        left.plot(result.ctr_curve, label=label)
-        middle.plot(result.coverage_curve, label=label)
-        right.plot(result.new_curve, label=label)
+        label = None if result.policy in labelled else f"{result.policy} ({seeds} seed{'s' * (seeds > 1)})"
+        labelled.add(result.policy)
+        style = {"color": colours[result.policy], "linewidth": 1.0, "alpha": 0.8, "label": label}
+        left.plot(result.ctr_curve, **style)
+        middle.plot(result.coverage_curve, **style)
+        right.plot(result.new_curve, **style)
     panels = (
         (left, "clicks per request (cumulative)"),
         (middle, "catalogue coverage"),

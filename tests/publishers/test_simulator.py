@@ -56,4 +56,5 @@ def test_paired_differences_and_their_interval() -> None:
     unc = by_policy["uncertainty"]
     assert unc["seeds"] == 4 and unc["mean"] == pytest.approx(ratios.mean())
     assert (unc["low"], unc["high"]) == pytest.approx((ratios.mean() - half, ratios.mean() + half))
+    assert all(type(unc[key]) is float for key in ("mean", "low", "high"))  # JSON numbers, not numpy
     assert by_policy["epsilon"]["seeds"] == 1 and by_policy["epsilon"]["mean"] == pytest.approx(-0.05)
