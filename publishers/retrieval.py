@@ -165,8 +165,10 @@ class ServingIndex:
         want = n + len(exclude)
         positions, values = self.scan.top(user, want)  # best first
         out: list[tuple[str, float]] = []
-        for position, score in zip(positions.tolist(), values.tolist(), strict=True):
-            item = self.item_of[int(self.index_rows[position])]
+        item_of = self.item_of
+        # Rows gathered in one numpy step: indexing a numpy array per item cost ~1 µs each.
+        for row, score in zip(self.index_rows[positions].tolist(), values.tolist(), strict=True):
+            item = item_of[row]
             if item is not None and item not in exclude:
                 out.append((item, score))
                 if len(out) == n:
