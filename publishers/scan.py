@@ -2,9 +2,8 @@
 
 Retrieval reads the whole table once per query, so its cost is the table's bytes and the arithmetic
 on them. At 1M items of dimension 64, an fp32 ``mv`` + ``topk`` took 12.2 ms on one core here; the
-scan below took 4.4-5.1 ms (n = 10 to 120). Its answer is exact: the n rows with the highest inner
-products, ties in any order, scored as fp32 products (which may differ from a full fp32 scan's in
-the last bit).
+scan below took 4.4-5.2 ms at n = 10 in the serving bench (about 5 ms at n = 120, timed alone).
+Its answer is exact up to fp32 rounding, as a plain fp32 scan's is (see :class:`ExactScan`).
 
 1. **An int8 scan with an upper bound per row.** Each row is quantised once per version with its
    own scale (``w ≈ s_w c_w``, ``c_w`` int8, ``s_w = max|w| / 127``), and each query likewise
@@ -26,7 +25,7 @@ the last bit).
    at D = 32 to 128 and n = 10 to 300 (``bench/serving_latency.py`` prints the rate). The bound
    grows with D faster than the gaps between the top scores, so wider tables
    (:data:`QUANTIZE_MAX_DIM`) are scanned in fp32, and a table whose queries keep falling back
-   gives up the int8 scan after a probation (:data:`PROBATION`).
+   gives up the int8 scan (more than a quarter of a window of :data:`PROBATION` queries).
 3. **A blocked top-k** (:func:`block_topk`). ``torch.topk`` over 1M scores took 2.1 ms. The top
    ``m`` can only lie in the ``m`` blocks of 64 with the highest maxima, so ``topk`` runs over
    the block maxima and then over those blocks: 0.14 ms. The fp32 scan uses it too (10.0 ms).
@@ -50,6 +49,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,12 +68,13 @@ QUANTIZE_FROM = 65_536  # rows; below, the fp32 scan is as fast (50k rows: 0.39 
 # Widest rows quantised. The bound grows with D faster than the spread of the top scores: at 100k
 # Gaussian rows and n=120, 10 of 10 queries certified at D=128, 3 at D=256 and none at 512.
 QUANTIZE_MAX_DIM = 128
-# After this many int8 scans of one table, if more than this share fell back, the table is scanned
-# in fp32 only (each fallback pays for both scans).
+# The int8 scans of one table are judged in windows of this many: if more than this share of a
+# window fell back, the table is scanned in fp32 only (each fallback pays for both scans).
 PROBATION = 64
 MAX_FALLBACK_SHARE = 0.25
 _TINY = 1e-30  # rows and queries whose largest entry is below this are not quantised (no subnormals)
-_CHUNK = 65_536  # rows quantised at a time: the build's temporaries stay small
+_HUGE = 1e30  # a table with a larger entry is not quantised: its bounds could overflow fp32
+_CHUNK = 8_192  # rows quantised at a time: the build's temporaries stay at 16-32 MiB
 
 
 @dataclass
@@ -126,8 +127,12 @@ def _int_mm_works() -> bool:
 class ExactScan:
     """The exact top-n of ``vectors @ query`` over a read-only table; see the module docstring.
 
-    Exact means: the n rows with the highest true inner products (ties in any order), scored as fp32
-    products, which can differ from a full fp32 scan's in the last bit."""
+    Exact means exact up to fp32 rounding, as a plain fp32 scan is: the n rows with the highest inner
+    products, where rows whose scores lie within fp32 rounding of each other (ties included) may
+    come in either order, or either one at the n-th place. Scores are fp32 products, which can
+    differ from a full fp32 scan's in the last bit.
+
+    Not thread-safe: one thread calls it (the API's event loop), as :class:`ScanCounts` says."""
 
     def __init__(
         self,
@@ -159,8 +164,8 @@ class ExactScan:
         for start in range(0, rows, _CHUNK):
             part = vectors[start : start + _CHUNK].astype(np.float64)
             magnitude = np.abs(part)
-            if not np.isfinite(magnitude).all():
-                logger.warning("the item table holds NaN or inf: retrieval scans it in fp32")
+            if not np.isfinite(magnitude).all() or magnitude.max(initial=0.0) > _HUGE:
+                logger.warning("the item table holds NaN, inf or entries over 1e30: it is scanned in fp32")
                 return
             row_max = magnitude.max(axis=1)
             l1 = magnitude.sum(axis=1)
@@ -189,20 +194,24 @@ class ExactScan:
         u = torch.from_numpy(np.ascontiguousarray(query, dtype=np.float32))
         found = self.bounds(u)
         if found is not None:
-            self._attempts += 1
             answer = self._certified(u, n, *found)
-            if answer is not None:
+            self._attempts += 1
+            if answer is None:
+                self.counts.fallback += 1
+                self._fallbacks += 1
+            else:
                 self.counts.certified += 1
+            if self._attempts == PROBATION:  # the end of a window
+                if self._fallbacks > MAX_FALLBACK_SHARE * PROBATION:
+                    logger.warning(
+                        "int8 retrieval fell back to fp32 for %d of the last %d queries: fp32 only",
+                        self._fallbacks,
+                        PROBATION,
+                    )
+                    self._codes = None
+                self._attempts = self._fallbacks = 0
+            if answer is not None:
                 return answer
-            self.counts.fallback += 1
-            self._fallbacks += 1
-            if self._attempts >= PROBATION and self._fallbacks > MAX_FALLBACK_SHARE * self._attempts:
-                logger.warning(
-                    "int8 retrieval fell back to fp32 for %d of %d queries: fp32 only from now on",
-                    self._fallbacks,
-                    self._attempts,
-                )
-                self._codes = None
         else:
             self.counts.fp32 += 1
         values, positions = block_topk(torch.mv(self.table, u), n)
@@ -243,7 +252,10 @@ class ExactScan:
         if m < rows:
             # Rows outside the shortlist score at most su * highest[-1]; the n-th re-scored value
             # may sit above its true score by its own fp32 rounding, at most D 2⁻²⁴ ‖u‖₁ max|w|.
-            rounding = (dim + 16) * 2.0**-24 * u_l1 * 127 * float(self._scale[shortlist].max())
-            if not float(values[-1]) - rounding >= su * float(highest[-1]):
+            # (A tiny row has scale 0 and entries under _TINY.)
+            max_w = max(127 * float(self._scale[shortlist].max()), _TINY)
+            rounding = (dim + 16) * 2.0**-24 * u_l1 * max_w
+            threshold = su * float(highest[-1])
+            if not (math.isfinite(threshold) and float(values[-1]) - rounding >= threshold):
                 return None
         return shortlist[order].numpy().astype(np.int64, copy=False), values.numpy()

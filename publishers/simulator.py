@@ -300,42 +300,54 @@ def run(
     return summaries
 
 
-# Student's t, 97.5th percentile, by degrees of freedom (a 95% two-sided interval); above 30, 1.96.
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-         10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}  # fmt: skip
+# Student's t, 97.5th percentile, by degrees of freedom (a 95% two-sided interval), rounded up.
+_T975 = {1: 12.707, 2: 4.303, 3: 3.183, 4: 2.777, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+         9: 2.263, 10: 2.229, 12: 2.179, 15: 2.132, 20: 2.086, 25: 2.060, 30: 2.043, 40: 2.022,
+         60: 2.001, 120: 1.980}  # fmt: skip
 
 
 def _t975(df: int) -> float:
-    """The table's value for the largest tabulated df not above ``df`` (so never too narrow)."""
-    return _T975[max(d for d in _T975 if d <= df)] if df <= 30 else 1.96
+    """The value for the largest tabulated df not above ``df`` (t falls with df: never too narrow)."""
+    return _T975[max(d for d in _T975 if d <= df)]
 
 
 def paired(
     summaries: list[dict[str, Any]], *, baseline: str = "none", metric: str = "clicks_per_request"
 ) -> list[dict[str, Any]]:
     """Each policy against ``baseline`` on the seeds both ran: the mean relative difference of
-    ``metric`` (``policy / baseline - 1``) and its 95% t interval over seeds.
+    ``metric`` (``policy / baseline - 1``) and its 95% t interval over the pairs.
 
     Runs are paired by seed because a seed fixes the users, their tastes and the new items, the
     largest source of variance between runs; the interval still includes the run-to-run noise of
-    the wall-clock driven stack. With one seed the interval is unbounded.
+    the wall-clock driven stack. A seed run twice pairs its runs in order. With one pair the
+    interval is unbounded (``-inf``, ``inf``); with none, everything is NaN (JSON: null). A pair
+    whose baseline is 0 is left out, with a warning.
 
     >>> rows = [{"policy": p, "seed": s, "clicks_per_request": v} for p, s, v in
     ...         [("none", 0, 1.0), ("none", 1, 2.0), ("uncertainty", 0, 0.9), ("uncertainty", 1, 1.9)]]
     >>> [(r["policy"], r["seeds"], round(r["mean"], 3)) for r in paired(rows)]
     [('uncertainty', 2, -0.075)]
     """
-    base = {s["seed"]: s[metric] for s in summaries if s["policy"] == baseline}
+    runs: dict[tuple[str, Any], list[float]] = {}
+    for summary in summaries:
+        runs.setdefault((summary["policy"], summary["seed"]), []).append(float(summary[metric]))
     out = []
     for policy in dict.fromkeys(s["policy"] for s in summaries if s["policy"] != baseline):
-        ratios = [
-            s[metric] / base[s["seed"]] - 1
-            for s in summaries
-            if s["policy"] == policy and s["seed"] in base and base[s["seed"]]
-        ]
+        ratios = []
+        for (name, seed), values in runs.items():
+            if name != policy:
+                continue
+            for value, base in zip(values, runs.get((baseline, seed), []), strict=False):
+                if base == 0:
+                    logger.warning("%s, seed %s: %s is 0 under %s; left out", policy, seed, metric, baseline)
+                    continue
+                ratios.append(value / base - 1)
         n = len(ratios)
         mean = float(np.mean(ratios)) if n else float("nan")
-        half = _t975(n - 1) * float(np.std(ratios, ddof=1)) / math.sqrt(n) if n > 1 else float("inf")
+        if n > 1:
+            half = _t975(n - 1) * float(np.std(ratios, ddof=1)) / math.sqrt(n)
+        else:
+            half = float("inf") if n else float("nan")
         row = {"policy": policy, "baseline": baseline, "metric": metric, "seeds": n, "mean": mean}
         out.append(row | {"low": mean - half, "high": mean + half})
     return out

@@ -117,6 +117,25 @@ def test_uncertifiable_queries_are_scanned_again_in_fp32_until_int8_is_given_up(
     assert (scan.counts.fallback, scan.counts.fp32) == (PROBATION, 6) and not scan.quantized
 
 
+def test_int8_is_given_up_by_window_not_by_lifetime() -> None:
+    # Near-duplicate long rows along +b (no query along +b can be certified) and Gaussian rows
+    # (queries along -b rank those first and certify).
+    rng = np.random.default_rng(9)
+    base = rng.normal(size=16).astype(np.float32)
+    table = rng.normal(size=(ROWS, 16)).astype(np.float32)
+    table[:5_000] = 10 * base + 1e-4 * rng.normal(size=(5_000, 16))
+    scan = ExactScan(table)
+    for _ in range(PROBATION + 36):
+        scan.top(-base + 0.1 * rng.normal(size=16).astype(np.float32), 10)
+    assert scan.counts.certified == PROBATION + 36 and scan.counts.fallback == 0
+    for _ in range(40):
+        scan.top(base, 10)
+    # The second window ends after 28 fallbacks (28 > 16 of 64): int8 is given up there, however
+    # many queries certified before.
+    counts = scan.counts
+    assert (counts.fallback, counts.fp32, scan.quantized) == (28, 12, False)
+
+
 def test_tables_and_queries_that_are_not_quantised() -> None:
     table = _table("gaussian")
     scan = ExactScan(table)
@@ -135,6 +154,8 @@ def test_tables_and_queries_that_are_not_quantised() -> None:
     broken = table.copy()
     broken[17, 3] = np.nan
     assert not ExactScan(broken).quantized  # NaN would poison the bound: fp32, NaN and all
+    huge = table * np.float32(1e31)  # finite, but bounds past fp32's range would certify anything
+    assert not ExactScan(huge).quantized
 
     off = ExactScan(table, quantized=False)
     assert not off.quantized

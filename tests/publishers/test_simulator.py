@@ -52,9 +52,22 @@ def test_paired_differences_and_their_interval() -> None:
     ]  # fmt: skip
     by_policy = {c["policy"]: c for c in simulator.paired(rows)}
     ratios = np.array([0.98 / 1.00, 1.10 / 1.10, 0.85 / 0.90, 0.97 / 1.00]) - 1
-    half = 3.182 * ratios.std(ddof=1) / 2  # t(0.975, 3 df) * sd / sqrt(4)
+    half = 3.183 * ratios.std(ddof=1) / 2  # t(0.975, 3 df) = 3.1824, rounded up; sd / sqrt(4)
     unc = by_policy["uncertainty"]
     assert unc["seeds"] == 4 and unc["mean"] == pytest.approx(ratios.mean())
     assert (unc["low"], unc["high"]) == pytest.approx((ratios.mean() - half, ratios.mean() + half))
     assert all(type(unc[key]) is float for key in ("mean", "low", "high"))  # JSON numbers, not numpy
     assert by_policy["epsilon"]["seeds"] == 1 and by_policy["epsilon"]["mean"] == pytest.approx(-0.05)
+
+    # A seed run twice pairs its runs in order; a zero baseline is left out; no pairs: NaN.
+    twice = [
+        {"policy": policy, "seed": 0, "clicks_per_request": value}
+        for policy, value in [("none", 1.0), ("none", 2.0), ("uncertainty", 1.1), ("uncertainty", 2.2)]
+    ]
+    (again,) = simulator.paired(twice)
+    assert again["seeds"] == 2 and again["mean"] == pytest.approx(0.1) and again["high"] == pytest.approx(0.1)
+    zero = [{"policy": "none", "seed": 0, "clicks_per_request": 0.0},
+            {"policy": "epsilon", "seed": 0, "clicks_per_request": 0.5},
+            {"policy": "epsilon", "seed": 5, "clicks_per_request": 0.5}]  # fmt: skip
+    (alone,) = simulator.paired(zero)
+    assert alone["seeds"] == 0 and np.isnan(alone["mean"]) and np.isnan(alone["low"])
