@@ -176,13 +176,14 @@ class ExactScan:
             # The scale as stored (fp32); codes rounded against that very value, in float64.
             s = np.where(tiny, 0.0, row_max / 127.0).astype(np.float32)
             divisor = np.where(tiny, 1.0, s.astype(np.float64))
-            codes[start : start + len(part)] = np.clip(np.rint(part / divisor[:, None]), -127, 127)
-            codes[start : start + len(part)][tiny] = 0
-            scale[start : start + len(part)] = s
+            here = slice(start, start + len(part))
+            # A tiny row's entries (< _TINY) divided by 1 round to code 0.
+            codes[here] = np.clip(np.rint(part / divisor[:, None]), -127, 127)
+            scale[here] = s
             # ‖w‖₁/2, or, for a row too small to quantise (codes 0, scale 0), 127 ‖w‖₁: then
             # s_u * 127 ‖w‖₁ = max|u| ‖w‖₁ >= |u·w|. Rounded up so that fp32 never loses the bound.
             term = np.where(tiny, 127.0 * l1, l1 / 2)
-            l1_term[start : start + len(part)] = np.nextafter(term.astype(np.float32), np.float32(np.inf))
+            l1_term[here] = np.nextafter(term.astype(np.float32), np.float32(np.inf))
         self._codes = torch.from_numpy(codes).t()  # (D, N): _int_mm's right operand
         self._scale = torch.from_numpy(scale)
         self._l1_term = torch.from_numpy(l1_term)
@@ -195,30 +196,35 @@ class ExactScan:
         # torch, on the calling thread's OpenMP thread: numpy's BLAS woke its own thread pool for
         # every query (0.6 ms a query).
         u = torch.from_numpy(np.ascontiguousarray(query, dtype=np.float32))
-        found = self.bounds(u)
-        if found is not None:
+        # A shortlist as long as the table would re-score every row anyway: fp32 at once.
+        found = self.bounds(u) if 2 * n + 64 < self.table.shape[0] else None
+        if found is None:
+            self.counts.fp32 += 1
+        else:
             answer = self._certified(u, n, *found)
-            self._attempts += 1
-            if answer is None:
-                self.counts.fallback += 1
-                self._fallbacks += 1
-            else:
-                self.counts.certified += 1
-            if self._attempts == PROBATION:  # the end of a window
-                if self._fallbacks > MAX_FALLBACK_SHARE * PROBATION:
-                    logger.warning(
-                        "int8 retrieval fell back to fp32 for %d of the last %d queries: fp32 only",
-                        self._fallbacks,
-                        PROBATION,
-                    )
-                    self._codes = None
-                self._attempts = self._fallbacks = 0
+            self._judge(answer is not None)
             if answer is not None:
                 return answer
-        else:
-            self.counts.fp32 += 1
         values, positions = block_topk(torch.mv(self.table, u), n)
         return positions.numpy().astype(np.int64, copy=False), values.numpy()
+
+    def _judge(self, certified: bool) -> None:
+        """Count one int8 scan; at the end of a window with too many fallbacks, give int8 up."""
+        if certified:
+            self.counts.certified += 1
+        else:
+            self.counts.fallback += 1
+            self._fallbacks += 1
+        self._attempts += 1
+        if self._attempts == PROBATION:
+            if self._fallbacks > MAX_FALLBACK_SHARE * PROBATION:
+                logger.warning(
+                    "int8 retrieval fell back to fp32 for %d of the last %d queries: fp32 only",
+                    self._fallbacks,
+                    PROBATION,
+                )
+                self._codes = None
+            self._attempts = self._fallbacks = 0
 
     def bounds(self, u: torch.Tensor) -> tuple[float, torch.Tensor, float] | None:
         """``(s_u, bound, ‖u‖₁)`` with ``s_u * bound[r] >= u · row r`` for every row (module
@@ -248,17 +254,15 @@ class ExactScan:
         self, u: torch.Tensor, n: int, su: float, bound: torch.Tensor, u_l1: float
     ) -> tuple[IntArray, FloatArray] | None:
         """The shortlist's top n when the certificate holds (module docstring), else None."""
-        rows, dim = self.table.shape
-        m = min(rows, 2 * n + 64)
-        highest, shortlist = block_topk(bound, m)
+        dim = self.table.shape[1]
+        highest, shortlist = block_topk(bound, 2 * n + 64)  # shorter than the table (see top)
         values, order = torch.topk(torch.mv(self.table[shortlist], u), n)  # fp32 re-score
-        if m < rows:
-            # Rows outside the shortlist score at most su * highest[-1]; the n-th re-scored value
-            # may sit above its true score by its own fp32 rounding, at most D 2⁻²⁴ ‖u‖₁ max|w|.
-            # (A tiny row has scale 0 and entries under _TINY.)
-            max_w = max(127 * float(self._scale[shortlist].max()), _TINY)
-            rounding = (dim + 16) * 2.0**-24 * u_l1 * max_w
-            threshold = su * float(highest[-1])
-            if not (math.isfinite(threshold) and float(values[-1]) - rounding >= threshold):
-                return None
+        # Rows outside the shortlist score at most su * highest[-1]; the n-th re-scored value may
+        # sit above its true score by its own fp32 rounding, at most D 2⁻²⁴ ‖u‖₁ max|w|.
+        # (A tiny row has scale 0 and entries under _TINY.)
+        max_w = max(127 * float(self._scale[shortlist].max()), _TINY)
+        rounding = (dim + 16) * 2.0**-24 * u_l1 * max_w
+        threshold = su * float(highest[-1])
+        if not (math.isfinite(threshold) and float(values[-1]) - rounding >= threshold):
+            return None
         return shortlist[order].numpy().astype(np.int64, copy=False), values.numpy()

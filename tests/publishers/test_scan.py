@@ -90,13 +90,14 @@ def test_top_is_the_exact_order_and_certified(kind: str) -> None:
     assert (scan.counts.certified, scan.counts.fallback) == (queries + 1, 0)
 
 
-def test_a_shortlist_as_long_as_the_table_needs_no_certificate() -> None:
+def test_a_shortlist_as_long_as_the_table_goes_straight_to_fp32() -> None:
     table = _table("gaussian", rows=500, dim=20)  # a dimension that is no multiple of 8
     scan = ExactScan(table, min_rows=1)
     query = np.random.default_rng(6).normal(size=20).astype(np.float32)
-    for n in (300, 500, 900):  # 2n + 64 >= rows
+    assert scan.top(query, 40)[0].tolist() == _exact_order(table, query, 40)  # 2n + 64 < rows
+    for n in (218, 500, 900):  # 2n + 64 >= rows: re-scoring every row is the fp32 scan
         assert scan.top(query, n)[0].tolist() == _exact_order(table, query, min(n, 500))
-    assert scan.counts.certified == 3
+    assert (scan.counts.certified, scan.counts.fallback, scan.counts.fp32) == (1, 0, 3)
 
 
 def test_uncertifiable_queries_are_scanned_again_in_fp32_until_int8_is_given_up() -> None:
