@@ -10,7 +10,8 @@ no Docker here, so the broker runs as a plain JVM process:
 2. **Storage** — ``kafka.tools.StorageTool format`` once, with a cluster id kept beside the data.
 3. **Process** — ``java kafka.Kafka server.properties`` in its own session, output to
    ``$FRESHREC_HOME/kafka/broker.out``, pid in ``broker.pid``. ``start`` is idempotent (a running
-   broker is left alone) and waits until the broker answers a metadata request.
+   broker is left alone) and waits until the broker answers a metadata request. The JVM gets only
+   the environment it needs (:func:`broker_environment`), never the API token or Kafka secrets.
 
 The pid file alone is not trusted: a process counts as our broker only while ``/proc/<pid>/cmdline``
 still names ``kafka.Kafka`` and our ``server.properties``, so a recycled pid is never signalled.
@@ -29,6 +30,7 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -36,7 +38,7 @@ from pathlib import Path
 from freshrec.errors import BrokerError
 from freshrec.settings import Settings
 
-__all__ = ["BrokerStatus", "LocalBroker"]
+__all__ = ["BrokerStatus", "LocalBroker", "broker_environment"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,23 @@ _POM = "kafka-pom.xml"
 _LOG4J = "log4j2.properties"
 _MAIN_CLASS = "kafka.Kafka"
 _APT = {"java": "openjdk-17-jre-headless", "mvn": "maven"}
+
+
+# What the broker's JVM may see of the environment that starts it. Everything else (the API token,
+# SASL passwords in FRESHREC_KAFKA_OPTIONS, cloud credentials) stays out: the broker needs none of
+# it, and a JVM's environment is readable by its own user in /proc/<pid>/environ and in crash dumps.
+_BROKER_ENV_NAMES = frozenset({"PATH", "JAVA_HOME", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER"})
+_BROKER_ENV_PREFIXES = ("KAFKA_", "JAVA_TOOL_OPTIONS", "JDK_JAVA_OPTIONS")
+
+
+def broker_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment the broker's JVM is started with: only what Java and Kafka read (``PATH``,
+    ``JAVA_HOME``, ``HOME``, locale and time zone, ``KAFKA_*`` and the JVM's option variables)."""
+    return {
+        name: value
+        for name, value in environ.items()
+        if name in _BROKER_ENV_NAMES or name.startswith(_BROKER_ENV_PREFIXES)
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +136,7 @@ class LocalBroker:
         pid = os.posix_spawn(
             java,
             command,
-            dict(os.environ),
+            broker_environment(os.environ),
             file_actions=[
                 (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                 (os.POSIX_SPAWN_OPEN, 1, str(self.out_path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),

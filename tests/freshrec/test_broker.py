@@ -78,3 +78,30 @@ def _round_trip(bootstrap: str) -> None:
         raise AssertionError("the message did not come back within 60 s")
     finally:
         consumer.close()
+
+
+def test_the_broker_process_sees_no_secret_of_the_environment_that_started_it(tmp_path: Path) -> None:
+    port, controller = free_port_pair()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHREC_")}
+    env |= {
+        "FRESHREC_HOME": str(tmp_path / "home"),
+        "FRESHREC_BROKER_PORT": str(port),
+        "FRESHREC_BROKER_CONTROLLER_PORT": str(controller),
+        "FRESHREC_BROKER_HEAP": "384m",
+        "FRESHREC_API_TOKEN": "token-that-must-not-leak",
+        "FRESHREC_KAFKA_OPTIONS": '{"sasl.password": "password-that-must-not-leak"}',
+        "AWS_SECRET_ACCESS_KEY": "cloud-secret-that-must-not-leak",
+        "TZ": "UTC",
+    }
+    if "FRESHREC_CACHE_DIR" in os.environ:
+        env["FRESHREC_CACHE_DIR"] = os.environ["FRESHREC_CACHE_DIR"]
+    try:
+        freshrec_cli("broker", "start", env=env)
+        pid = orjson.loads(freshrec_cli("broker", "status", "--json", env=env).stdout)["pid"]
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        names = {entry.split(b"=", 1)[0].decode() for entry in environ.split(b"\0") if entry}
+        assert b"must-not-leak" not in environ
+        assert not any(name.startswith("FRESHREC_") for name in names)
+        assert {"PATH", "TZ"} <= names  # what Java needs is still there
+    finally:
+        freshrec_cli("broker", "stop", env=env, check=False)
