@@ -1,0 +1,192 @@
+"""kill -9 of ``freshrec stream`` at seeded random points, then a restart: the end state equals an
+uninterrupted run's.
+
+The seed chooses everything that is chosen: the events, the producer's pauses, where each kill
+lands (during start-up, or a random time after a checkpoint was written) and how long after. It is
+printed in every assertion message; ``FRESHREC_FAULT_SEED=<seed>`` replays a failing run's choices
+(timing on a loaded machine still varies, so a replay explores the same neighbourhood).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import orjson
+from support import cli_env, freshrec_cli, wait_until
+
+from freshrec.settings import Settings, StreamSettings
+from streams.admin import ensure_topics
+from streams.producer import EventProducer
+from streams.worker import StreamWorker
+
+HOUR, DAY = 3_600, 86_400
+SEED = int(os.environ.get("FRESHREC_FAULT_SEED", "1207"))
+KILLS = 5
+TOTAL = 12_000
+HELD = 1_500  # produced just before the last kill, so that the final run always has events to replay
+
+
+def _stream_settings(make_settings: Callable[..., Settings], group: str, worker_id: str) -> Settings:
+    base = make_settings()
+    stream = StreamSettings(
+        group_id=f"{group}-{base.topic_prefix}",
+        worker_id=worker_id,
+        windows_s=(HOUR, DAY),
+        window_buckets=12,
+        half_life_s=float(DAY),
+        checkpoint_interval_s=0.3,
+        batch_size=500,
+        batch_timeout_s=0.1,
+    )
+    return base.model_copy(update={"stream": stream})
+
+
+def _worker_env(settings: Settings) -> dict[str, str]:
+    stream = settings.stream
+    return cli_env(settings) | {
+        "FRESHREC_STREAM__GROUP_ID": stream.group_id,
+        "FRESHREC_STREAM__WORKER_ID": stream.worker_id,
+        "FRESHREC_STREAM__WINDOWS_S": orjson.dumps(list(stream.windows_s)).decode(),
+        "FRESHREC_STREAM__WINDOW_BUCKETS": str(stream.window_buckets),
+        "FRESHREC_STREAM__HALF_LIFE_S": str(stream.half_life_s),
+        "FRESHREC_STREAM__CHECKPOINT_INTERVAL_S": str(stream.checkpoint_interval_s),
+        "FRESHREC_STREAM__BATCH_SIZE": str(stream.batch_size),
+        "FRESHREC_STREAM__BATCH_TIMEOUT_S": str(stream.batch_timeout_s),
+    }
+
+
+def _events(seed: int) -> list[tuple[bytes, bytes]]:
+    """(key, value) pairs: out of order by up to two hours, some re-sent, some not even JSON."""
+    rng = random.Random(seed)
+    base_ts = 1_700_000_000_000
+    out: list[tuple[bytes, bytes]] = []
+    for i in range(TOTAL):
+        user = f"u{i % 197}"
+        event = {
+            "event_id": f"f{i}",
+            "user_id": user,
+            "item_id": f"i{int(rng.paretovariate(1.1)) % 500}",
+            "type": ("view", "click", "purchase")[i % 3],
+            "ts": base_ts + i * 1_000 - rng.randint(0, 7_200_000),
+        }
+        value = orjson.dumps(event)
+        out.append((user.encode(), value))
+        if rng.random() < 0.01:
+            out.append((user.encode(), value))  # a re-send: counted once
+        if rng.random() < 0.001:
+            out.append((b"x", b"{broken"))
+    return out
+
+
+def test_seeded_kill_9s_of_the_stream_worker_end_like_an_uninterrupted_run(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    seed = SEED
+    replay = f"seed {seed} (replay with FRESHREC_FAULT_SEED={seed})"
+    rng = random.Random(seed)
+    settings = _stream_settings(make_settings, "killed", "killed")
+    ensure_topics(settings)
+    env = _worker_env(settings)
+    records = _events(seed)
+    split = len(records) - HELD
+    pauses = random.Random(seed + 1)  # the producer thread's own generator: choices stay seeded
+
+    def produce(start: int, stop: int, *, paced: bool) -> None:
+        with EventProducer(settings) as producer:
+            for n in range(start, stop):
+                key, value = records[n]
+                producer.produce(settings.topics.events, value, key=key)
+                if paced and n % 700 == 699:
+                    producer.flush()
+                    time.sleep(pauses.uniform(0.05, 0.35))  # arrivals spread across the kills
+
+    producer = threading.Thread(target=produce, args=(0, split), kwargs={"paced": True})
+    producer.start()
+    checkpoint = settings.home / "stream" / settings.stream.group_id / "killed.ckpt"
+    plan: list[str] = []
+    try:
+        for attempt in range(KILLS):
+            last = attempt == KILLS - 1
+            during_start = not last and rng.random() < 0.3
+            delay = rng.uniform(0.5, 4.0) if during_start else rng.uniform(0.0, 0.6)
+            plan.append(f"{'start' if during_start else 'after-checkpoint'}+{delay:.2f}s")
+            seen = checkpoint.stat().st_mtime_ns if checkpoint.exists() else 0
+            process = subprocess.Popen(
+                [sys.executable, "-m", "freshrec", "stream"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            try:
+                if during_start:
+                    time.sleep(delay)  # anywhere in start-up: imports, group join, first batches
+                else:
+                    wait_until(
+                        lambda s=seen, p=process: (  # type: ignore[misc]
+                            (checkpoint.exists() and checkpoint.stat().st_mtime_ns > s)
+                            or p.poll() is not None
+                        ),
+                        timeout_s=120,
+                    )
+                    if last:
+                        # Right after a burst, well inside one checkpoint interval: the final run
+                        # must replay what this worker had consumed or not yet read.
+                        producer.join(timeout=120)
+                        produce(split, len(records), paced=False)
+                    time.sleep(delay)
+                assert process.poll() is None, f"{replay}, {plan}: the worker exited by itself"
+            finally:
+                if process.poll() is None:
+                    os.kill(process.pid, signal.SIGKILL)
+                _, stderr = process.communicate(timeout=60)
+            assert process.returncode == -signal.SIGKILL, f"{replay}, {plan}: {stderr.decode()[-2000:]}"
+    finally:
+        producer.join(timeout=120)
+    final = orjson.loads(freshrec_cli("stream", "--until-idle", "2", "--json", env=env, timeout=300).stdout)
+    assert final["consumed"] > 0, f"{replay}, {plan}: the last kill must leave events to replay"
+
+    reference = StreamWorker(_stream_settings(make_settings, "reference", "ref"))
+    ref_stats = reference.run(until_idle_s=1.5)
+    resent = len(records) - TOTAL - sum(1 for _, v in records if v == b"{broken")
+    assert (ref_stats.counted, ref_stats.duplicates) == (TOTAL, resent), replay
+
+    killed = StreamWorker(settings).state
+    killed.load_state_dict(pickle.loads(checkpoint.read_bytes()))
+    ref = reference.state
+    mismatches: list[str] = []
+    if set(killed.counters.items.ids()) != set(ref.counters.items.ids()):
+        mismatches.append("item ids")
+    for item in ref.counters.items.ids():
+        for kind in ("view", "click", "purchase", None):
+            got = (
+                killed.counters.total(item, kind),
+                killed.counters.windowed(item, HOUR, kind),
+                killed.counters.windowed(item, DAY, kind),
+            )
+            want = (
+                ref.counters.total(item, kind),
+                ref.counters.windowed(item, HOUR, kind),
+                ref.counters.windowed(item, DAY, kind),
+            )
+            if got != want:
+                mismatches.append(f"{item}/{kind}: {got} != {want}")
+            if not np.isclose(
+                killed.counters.decayed(item, kind), ref.counters.decayed(item, kind), rtol=1e-9
+            ):
+                mismatches.append(f"{item}/{kind} decayed")
+    users = {f"u{i}" for i in range(197)}
+    mismatches += [f"history {u}" for u in sorted(users) if killed.histories.get(u) != ref.histories.get(u)]
+    if sum(killed.offsets.values()) != sum(ref.offsets.values()):
+        mismatches.append(f"offsets {sum(killed.offsets.values())} != {sum(ref.offsets.values())}")
+    assert not mismatches, f"{replay}, kills {plan}: {len(mismatches)} differences, first {mismatches[:5]}"
+    assert all(ref.histories.get(u) for u in users), replay
