@@ -6,6 +6,7 @@ progress go to stderr so that stdout stays parseable.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -16,31 +17,67 @@ from typing import Any, NoReturn
 import click
 import orjson
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from freshrec.errors import FreshrecError
 from freshrec.settings import Settings
 
-__all__ = ["main"]
+__all__ = ["main", "settings_problem"]
 
 logger = logging.getLogger(__name__)
 _out = Console()
 _err = Console(stderr=True)
 
 
+#: Exit status of a command whose configuration is wrong (as for a usage error): fix, do not retry.
+EXIT_CONFIG = 2
+
+
 def _settings() -> Settings:
+    """The settings from the environment, or exit 2 with one line naming each bad variable."""
     try:
         return Settings()
     except ValidationError as exc:
-        _fail(f"invalid FRESHREC_* setting:\n{exc}")
+        _fail(settings_problem(exc), code=EXIT_CONFIG)
+    except SettingsError as exc:  # a JSON-valued variable that is not JSON, before validation
+        _fail(settings_problem(exc), code=EXIT_CONFIG)
 
 
-def _fail(message: str) -> NoReturn:
-    _err.print(f"[bold red]error:[/] {message}", highlight=False)
-    sys.exit(1)
+def settings_problem(exc: ValidationError | SettingsError, *, prefix: str = "FRESHREC_") -> str:
+    """One line saying which environment variable is wrong and why, without echoing secrets.
+
+    >>> from freshrec.settings import SinkSettings
+    >>> try:
+    ...     SinkSettings(batch_size=0)
+    ... except ValidationError as exc:
+    ...     print(settings_problem(exc, prefix="FRESHREC_SINK__"))
+    FRESHREC_SINK__BATCH_SIZE=0: Input should be greater than or equal to 1
+    """
+    if isinstance(exc, SettingsError):
+        field = re.search(r'field "([^"]+)"', str(exc))
+        name = f"{prefix}{field.group(1).upper()}" if field else f"a {prefix}* variable"
+        cause = exc.__cause__ or exc.__context__
+        why = f"not valid JSON ({cause})" if cause is not None else str(exc)
+        return f'{name} is {why}; it takes a JSON value, e.g. {name}=\'{{"key": "value"}}\''
+    problems = []
+    for error in exc.errors():
+        name = prefix + "__".join(str(part).upper() for part in error["loc"])
+        value = error.get("input")
+        secret = any(hint in name.lower() for hint in ("password", "secret", "token", "key", "options"))
+        shown = "" if secret or isinstance(value, dict) or len(repr(value)) > 60 else f"={value}"
+        problems.append(f"{name}{shown}: {error['msg']}")
+    return "; ".join(problems)
+
+
+def _fail(message: str, *, code: int = 1) -> NoReturn:
+    # One line however wide the terminal, and the message taken literally (no rich markup).
+    _err.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True, highlight=False)
+    sys.exit(code)
 
 
 def _emit_json(data: Any) -> None:
@@ -231,7 +268,7 @@ def stream(until_idle: float | None, top: int, roles: tuple[str, ...], as_json: 
         try:
             stream_settings = StreamSettings(**{**settings.stream.model_dump(), "roles": roles})
         except ValidationError as exc:
-            _fail(str(exc))
+            _fail(settings_problem(exc, prefix="--role / FRESHREC_STREAM__"), code=EXIT_CONFIG)
         settings = settings.model_copy(update={"stream": stream_settings})
     with _errors():
         worker, stats = worker_module.run(settings, until_idle_s=until_idle)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from support import freshrec_cli
 
 from freshrec.settings import Settings
 
@@ -57,3 +59,24 @@ def test_bad_settings_are_rejected_with_the_field_named(
     with pytest.raises(ValidationError) as info:
         Settings()
     assert name.removeprefix("FRESHREC_").lower().split("__")[-1] in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("FRESHREC_KAFKA_OPTIONS", "{bad", "FRESHREC_KAFKA_OPTIONS is not valid JSON"),
+        ("FRESHREC_BROKER_PORT", "nine", "FRESHREC_BROKER_PORT=nine: Input should be a valid integer"),
+        ("FRESHREC_SINK__BATCH_SIZE", "0", "FRESHREC_SINK__BATCH_SIZE=0: Input should be greater than"),
+    ],
+)
+def test_a_malformed_setting_exits_2_with_one_line_naming_the_variable(
+    tmp_path: Path, variable: str, value: str, expected: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHREC_")}
+    env |= {"FRESHREC_HOME": str(tmp_path), variable: value, "COLUMNS": "40"}
+    done = freshrec_cli("broker", "status", env=env, check=False)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"error: {expected}")
+    assert "Traceback" not in done.stderr and done.stdout == ""
