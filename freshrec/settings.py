@@ -100,6 +100,16 @@ class SinkSettings(BaseModel):
         description="How often the sink samples the lag of freshrec's consumer groups into "
         "ClickHouse `consumer_lag` (0: never).",
     )
+    retry_initial_s: float = Field(
+        0.5,
+        gt=0,
+        le=60,
+        description="First wait before the sink retries a failed ClickHouse write; doubled at each "
+        "failure up to retry_max_s. Kafka offsets are held until the write succeeds.",
+    )
+    retry_max_s: float = Field(
+        15.0, gt=0, le=600, description="Longest wait between two retries of a failed ClickHouse write."
+    )
 
 
 class StreamSettings(BaseModel):
@@ -282,6 +292,21 @@ class Settings(BaseSettings):
     )
     clickhouse_database: str = Field(
         "freshrec", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$", description="ClickHouse database."
+    )
+    clickhouse_connect_timeout_s: int = Field(
+        5,
+        ge=1,
+        le=600,
+        description="Longest wait for a TCP connection to a ClickHouse server (not chDB) before the "
+        "call fails with StoreUnavailable.",
+    )
+    clickhouse_query_timeout_s: int = Field(
+        60,
+        ge=1,
+        le=86_400,
+        description="Longest wait for a ClickHouse server (not chDB) to answer one query or insert: "
+        "a server that accepts connections and never answers fails the call after this long "
+        "instead of hanging the caller.",
     )
     topic_prefix: str = Field(
         "", pattern=r"^[A-Za-z0-9._-]{0,100}$", description="Prefix of every topic name."

@@ -311,7 +311,16 @@ def open_store(settings: Settings, *, migrate: bool = True) -> Store:
         if kind == "chdb":
             client = clickhouse_connect.get_client(dsn=dsn)
         else:
-            client = clickhouse_connect.get_client(dsn=dsn, autogenerate_session_id=False)
+            # Bounded: a server that accepts and never answers fails a call after these, instead of
+            # hanging the caller (the library's own read timeout is 300 s). No retry of reads here:
+            # the callers (the sink's backoff, the dashboard) decide when to try again.
+            client = clickhouse_connect.get_client(
+                dsn=dsn,
+                autogenerate_session_id=False,
+                connect_timeout=settings.clickhouse_connect_timeout_s,
+                send_receive_timeout=settings.clickhouse_query_timeout_s,
+                query_retries=0,
+            )
     except ClickHouseError as exc:
         if kind == "chdb" and _chdb_path_locked(Path(dsn.partition("://")[2])):
             raise StoreUnavailable(_LOCKED) from exc

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from support import chdb_path_held, cli_env, freshrec_cli
 
+from freshrec.errors import StoreUnavailable
 from freshrec.settings import Settings
 from freshrec.store import MIGRATIONS, Store, open_store
 
@@ -65,3 +71,50 @@ def test_open_store_rejects_unknown_dsn_schemes(settings: Settings) -> None:
 
     with pytest.raises(ConfigError, match="chdb://"):
         open_store(settings.model_copy(update={"clickhouse_dsn": "postgres://nope"}))
+
+
+@contextmanager
+def silent_server() -> Iterator[int]:
+    """A TCP server on 127.0.0.1 that accepts every connection and never answers: a hung ClickHouse."""
+    server = socket.create_server(("127.0.0.1", 0), backlog=64)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:  # closed at the end of the block
+                return
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        server.close()
+        for connection in accepted:
+            connection.close()
+        thread.join(5)
+
+
+def test_a_clickhouse_that_never_answers_fails_the_call_within_the_timeout(settings: Settings) -> None:
+    with silent_server() as port:
+        hung = settings.model_copy(
+            update={"clickhouse_dsn": f"http://127.0.0.1:{port}", "clickhouse_query_timeout_s": 2}
+        )
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="timed out"):
+            open_store(hung)
+        assert time.monotonic() - started < 10
+
+
+def test_the_sink_against_a_hung_clickhouse_exits_with_one_clear_line(settings: Settings) -> None:
+    with silent_server() as port:
+        env = cli_env(settings, dsn=f"http://127.0.0.1:{port}") | {"FRESHREC_CLICKHOUSE_QUERY_TIMEOUT_S": "2"}
+        started = time.monotonic()
+        result = freshrec_cli("sink", "--until-idle", "1", env=env, check=False, timeout=60)
+        assert result.returncode == 1
+        assert time.monotonic() - started < 30
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith("error: cannot reach ClickHouse"), result.stderr
+        assert "timed out" in errors[0] and "Traceback" not in result.stderr
