@@ -31,12 +31,12 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartiti
 
 from freshrec.errors import KafkaUnavailable
 from freshrec.settings import Settings
-from publishers.publisher import CHUNK_HEADER
+from publishers.chain import CHUNK_HEADER, ChunkAssembler, ChunkHeader
 from publishers.snapshots import SnapshotStore
-from publishers.updates import ChecksumMismatch, ModelUpdate, ModelVersion, apply, decode, payload_checksum
+from publishers.updates import ChecksumMismatch, ModelUpdate, ModelVersion, apply, decode
 from streams.admin import check_consume_error, ensure_topics
 
-__all__ = ["Applied", "ChunkAssembler", "Replica", "ReplicaStats", "ReplicaSubscriber"]
+__all__ = ["Applied", "Replica", "ReplicaStats", "ReplicaSubscriber"]
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +155,16 @@ class Replica:
                 self._gap_since = None
                 return
             update = self._pending.get(self.version + 1)
+            if update is None or (update.kind != "snapshot" and update.parent != self.version):
+                # The chain skips a number whose transaction was aborted: follow the parent links.
+                update = next(
+                    (
+                        u
+                        for v, u in sorted(self._pending.items())
+                        if u.kind != "snapshot" and u.parent == self.version
+                    ),
+                    None,
+                )
             if update is None:
                 # A snapshot further ahead needs no parent: jump to the newest one.
                 snapshots = [v for v, u in self._pending.items() if u.kind == "snapshot"]
@@ -174,31 +184,6 @@ class Replica:
                 continue
             self._set(built, update.kind, update.rows)
             self.stats.applied += 1
-
-
-class ChunkAssembler:
-    """Joins the chunks of each update; hands back whole payloads whose sha256 matches."""
-
-    def __init__(self, *, max_partial: int = 8) -> None:
-        self._parts: dict[tuple[int, str], dict[int, bytes]] = {}
-        self._max_partial = max_partial
-
-    def add(self, header: str, value: bytes) -> tuple[int, bytes | None, str | None]:
-        """Add one chunk. Returns (version, payload when complete, error when the payload is bad)."""
-        version_s, _parent, _kind, index_s, count_s, checksum = header.split(":")
-        version, index, count = int(version_s), int(index_s), int(count_s)
-        key = (version, checksum)
-        parts = self._parts.setdefault(key, {})
-        parts[index] = value
-        if len(parts) < count:
-            while len(self._parts) > self._max_partial:  # a publisher that died mid-update
-                del self._parts[min(self._parts)]
-            return version, None, None
-        del self._parts[key]
-        payload = b"".join(parts[i] for i in range(count))
-        if payload_checksum(payload) != checksum:
-            return version, None, "payload sha256 mismatch"
-        return version, payload, None
 
 
 class ReplicaSubscriber:
@@ -258,6 +243,7 @@ class ReplicaSubscriber:
                     "group.id": f"freshrec-replica-{uuid.uuid4().hex}",  # positions are not shared
                     "enable.auto.commit": False,
                     "auto.offset.reset": "earliest",
+                    "isolation.level": "read_committed",  # a version exists once its transaction commits
                     "fetch.max.bytes": 64 << 20,
                     "log_level": 3,
                 }
@@ -282,18 +268,18 @@ class ReplicaSubscriber:
                     if error is not None:
                         check_consume_error(error)
                         continue
-                    header = dict(message.headers() or []).get(CHUNK_HEADER)
+                    try:
+                        header = ChunkHeader.of(message)
+                    except ValueError:
+                        logger.warning("malformed %s header on %s ignored", CHUNK_HEADER, message.topic())
+                        continue
                     if header is None:
                         logger.warning(
                             "message without %s header on %s ignored", CHUNK_HEADER, message.topic()
                         )
                         continue
-                    text = header.decode() if isinstance(header, bytes) else header
-                    try:
-                        version, payload, problem = assembler.add(text, message.value() or b"")
-                    except ValueError:
-                        logger.warning("malformed update header %r ignored", header)
-                        continue
+                    version = header.version
+                    payload, problem = assembler.add(header, message.value() or b"")
                     if problem is not None:
                         self.replica.reject(version, problem)
                     elif payload is not None:

@@ -3,7 +3,7 @@
 Why files beside the Kafka topics: a replica that finds a gap in the chain, or an update that fails
 its checksum, needs the *newest* whole version at once, and a rollback needs an *older* one exactly;
 re-reading topics from the beginning gives neither cheaply. The publisher writes each version here
-once Kafka has acknowledged it (so no version that failed to go out is ever healed to); a replica
+once its Kafka transaction has committed (so no version that failed to go out is ever healed to); a replica
 that finds a gap heals to the newest version here, and waits for the next gap check if that is not
 newer than what it has.
 Files are written atomically (temporary file, fsync, rename) in the same ``.npz`` format as the
@@ -30,6 +30,7 @@ __all__ = ["SnapshotStore"]
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^v(\d{10})\.npz$")
+_TMP_PREFIX = ".tmp-"
 
 
 class SnapshotStore:
@@ -63,14 +64,31 @@ class SnapshotStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         target = self.path(model.version)
         payload = encode(snapshot_update(model, parent=0))
-        with tempfile.NamedTemporaryFile(dir=self.directory, prefix=".tmp-", delete=False) as tmp:
+        with tempfile.NamedTemporaryFile(dir=self.directory, prefix=_TMP_PREFIX, delete=False) as tmp:
             tmp.write(payload)
             tmp.flush()
             os.fsync(tmp.fileno())
         os.replace(tmp.name, target)
+        directory = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a power cut
+        finally:
+            os.close(directory)
         for old in self.versions()[: -self.keep]:
             self.path(old).unlink(missing_ok=True)
         return target
+
+    def clean(self) -> list[Path]:
+        """Remove temporary files a writer killed mid-save left behind (call with no save under way:
+        the chain's publisher, once it has fenced the previous one). Returns what it removed."""
+        if not self.directory.is_dir():
+            return []
+        left = [path for path in self.directory.iterdir() if path.name.startswith(_TMP_PREFIX)]
+        for path in left:
+            path.unlink(missing_ok=True)
+        if left:
+            logger.warning("removed %d unfinished snapshot files from %s", len(left), self.directory)
+        return left
 
     def load(self, version: int) -> ModelVersion:
         """Version ``version``, verified against its checksum."""

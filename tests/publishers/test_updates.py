@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from freshrec.errors import ConfigError
-from publishers.replica import ChunkAssembler, Replica
+from publishers.chain import ChunkAssembler, ChunkHeader
+from publishers.replica import Replica
 from publishers.snapshots import SnapshotStore
 from publishers.updates import (
     ChecksumMismatch,
@@ -100,12 +101,12 @@ def test_chunks_reassemble_and_bad_bytes_are_flagged() -> None:
     parts = [payload[i : i + 100] for i in range(0, len(payload), 100)]
     assembler = ChunkAssembler()
     results = [
-        assembler.add(f"1:0:snapshot:{i}:{len(parts)}:{checksum}", p)
+        assembler.add(ChunkHeader.parse(f"1:0:snapshot:{i}:{len(parts)}:{checksum}"), p)
         for i, p in reversed(list(enumerate(parts)))
     ]
-    assert results[-1] == (1, payload, None) and all(r[1] is None for r in results[:-1])
-    bad = ChunkAssembler().add(f"2:1:sparse:0:1:{checksum}", b"x" * 10)
-    assert bad == (2, None, "payload sha256 mismatch")
+    assert results[-1] == (payload, None) and all(r[0] is None for r in results[:-1])
+    bad = ChunkAssembler().add(ChunkHeader(2, 1, "sparse", 0, 1, checksum), b"x" * 10)
+    assert bad == (None, "payload sha256 mismatch")
 
 
 def test_snapshot_store_keeps_the_newest(tmp_path: Path) -> None:
