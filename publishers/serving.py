@@ -168,15 +168,25 @@ class Recommender:
         )
 
     def _popular(self, reader: StateReader, n: int) -> list[tuple[str, float]]:
-        """Decayed popularity's top ``n``, recomputed at most every ``_POPULAR_TTL_S``: it scores every
-        item (3 ms at 1M items) and moves slowly, unlike the user's own history."""
+        """Decayed popularity's top ``n``, filled up from all-time counts, recomputed at most every
+        ``_POPULAR_TTL_S``: it scores every item (3 ms at 1M items) and moves slowly, unlike the
+        user's own history.
+
+        The fill matters: a decayed count halves every half-life of *event time*, so after old
+        events (a dataset from 1998) and a few fresh ones, every old item's score underflows to
+        exactly 0 and only the few fresh items rank. A new user, who has nothing but popularity
+        and exploration, then got 1 item for k=10 from a catalogue of thousands. Items past the
+        decayed ones follow by total count, so the list is as long as the catalogue allows."""
         cached = self._popular_cache
         now = time.monotonic()
         if cached is None or now - cached[0] > _POPULAR_TTL_S or len(cached[1]) < n:
-            cached = self._popular_cache = (
-                now,
-                reader.popular(max(n, 2 * self.settings.candidates), kind="decayed"),
-            )
+            size = max(n, 2 * self.settings.candidates)
+            ranked = reader.popular(size, kind="decayed")
+            if len(ranked) < size:
+                listed = {item for item, _ in ranked}
+                fill = reader.popular(size + len(listed), kind="total")
+                ranked += [(item, 0.0) for item, _ in fill if item not in listed][: size - len(ranked)]
+            cached = self._popular_cache = (now, ranked)
         return cached[1][:n]
 
     # -- exploration ------------------------------------------------------------------------------
