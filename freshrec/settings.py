@@ -256,6 +256,73 @@ class ServeSettings(BaseModel):
         "1000 ms (bench/serving_latency.py --impressions-linger-ms). "
         "Events posted to the API have their own producer and are sent at once.",
     )
+    max_request_bytes: int = Field(
+        1_048_576,
+        ge=65_536,
+        le=256 * 1_048_576,
+        description="Largest body POST /v1/events accepts; a larger one is a 413 before anything is "
+        "parsed (its Content-Length, or the bytes counted as a chunked body streams in).",
+    )
+    max_request_events: int = Field(
+        1_000,
+        ge=1,
+        le=1_000_000,
+        description="Most events one POST /v1/events may hold; more is a 413 before any is validated.",
+    )
+    max_errors_listed: int = Field(
+        20,
+        ge=1,
+        le=10_000,
+        description="Most errors a 422 lists; the rest are counted (`omitted`), so an error body "
+        "stays small however bad the request.",
+    )
+    max_head_bytes: int = Field(
+        16_384,
+        ge=1_024,
+        le=1_048_576,
+        description="Largest request line plus headers; a larger head is answered 431 and the "
+        "connection closed.",
+    )
+    head_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="Longest a request's line and headers may take to arrive once begun; a slower "
+        "one has its connection closed.",
+    )
+    keep_alive_s: int = Field(
+        5,
+        ge=1,
+        le=3_600,
+        description="An idle connection (a new one that sent nothing yet, or one between requests) "
+        "is closed after this many seconds.",
+    )
+    publish_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="How long POST /v1/events waits for Kafka to acknowledge its events before it "
+        "answers 503; a record not delivered by then is given up (never delivered later).",
+    )
+    ready_max_lag: int = Field(
+        1_000,
+        ge=0,
+        description="GET /readyz is 503 while the replica's stream state is more than this many "
+        "messages behind the end of its topics.",
+    )
+    ready_kafka_timeout_s: float = Field(
+        1.0,
+        gt=0,
+        le=30,
+        description="How long GET /readyz waits for Kafka to answer (a metadata request and the "
+        "topics' end offsets), checked at most once a second.",
+    )
+    dashboard_retry_s: float = Field(
+        5.0,
+        ge=0,
+        description="After ClickHouse could not be reached, how long the dashboard waits before "
+        "trying again (its data routes answer 503 meanwhile; serving never needs ClickHouse).",
+    )
 
 
 class Settings(BaseSettings):

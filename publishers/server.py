@@ -13,10 +13,20 @@ under the GIL, so one process serves one request at a time; a second process let
 requests run on two cores (measured in ``bench/serving_latency.py``). Each worker is a full
 replica (its own stream worker, group ``<stream group>.serve-<worker id>-<n>``, and its own model
 replica), so each reads the whole stream: the price of the extra core.
+
+Readiness (``GET /readyz``) is decided by :class:`ReadinessProbe`; liveness (``GET /healthz``) by the
+API alone. ClickHouse is needed by the dashboard only: the stack opens it on the dashboard's first
+data request (:class:`~publishers.dashboard.LazyStore`), so serving starts and goes on without it.
+
+uvicorn's httptools protocol is wrapped (:class:`BoundedHttpTools`) with what it lacks: a bound on
+a request's head (``FRESHREC_SERVE__MAX_HEAD_BYTES``, else 431), a deadline for the head to arrive
+(``FRESHREC_SERVE__HEAD_TIMEOUT_S``), and the idle timeout (``FRESHREC_SERVE__KEEP_ALIVE_S``)
+applied from the moment a connection opens, not only after a first response.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing
 import os
@@ -24,16 +34,21 @@ import signal
 import socket
 import threading
 import time
+import uuid
+from asyncio import TimerHandle, Transport
 
 import torch
 import uvicorn
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from fastapi import FastAPI
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from freshrec.errors import ConfigError
+from freshrec.errors import ConfigError, StoreUnavailable
 from freshrec.processes import die_with_parent
 from freshrec.settings import Settings
 from freshrec.store import Store
-from publishers.api import create_app
+from publishers.api import Readiness, create_app
+from publishers.dashboard import LazyStore
 from publishers.dealer import Dealer, DealtServer
 from publishers.replica import Replica, ReplicaSubscriber
 from publishers.serving import Recommender
@@ -42,7 +57,7 @@ from streams.producer import EventProducer
 from streams.reader import StateReader
 from streams.worker import StreamWorker
 
-__all__ = ["ServingStack", "api_producers", "api_server", "serve"]
+__all__ = ["BoundedHttpTools", "ReadinessProbe", "ServingStack", "api_producers", "api_server", "serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +68,16 @@ class ServingStack:
     """Stream worker + model replica + recommender + API; :meth:`start` in threads, :meth:`stop`."""
 
     def __init__(
-        self, settings: Settings, *, store: Store | None = None, channel: socket.socket | None = None
+        self,
+        settings: Settings,
+        *,
+        store: Store | LazyStore | None = None,
+        channel: socket.socket | None = None,
     ) -> None:
-        """``store``: the ClickHouse the dashboard reads (the caller owns it; None: no dashboard data).
-        ``channel``: where :func:`serve`'s supervisor deals this worker its connections
-        (:mod:`publishers.dealer`) instead of binding ``api_host:api_port``."""
+        """``store``: the ClickHouse the dashboard reads (the caller owns it; None: no dashboard data;
+        a :class:`LazyStore`: opened when the dashboard first asks). ``channel``: where
+        :func:`serve`'s supervisor deals this worker its connections (:mod:`publishers.dealer`)
+        instead of binding ``api_host:api_port``."""
         torch.set_num_threads(settings.serve.torch_threads)  # this process serves: see ServeSettings
         group = f"{settings.stream.group_id}.serve-{settings.stream.worker_id}"
         # Requests read the worker's state under the lock it holds while applying a batch: small
@@ -72,6 +92,9 @@ class ServingStack:
         self.recommender = Recommender(
             settings=settings.serve, replica=self.replica, reader=StateReader(self.worker)
         )
+        self.readiness = ReadinessProbe(
+            self.settings, worker=self.worker, replica=self.replica, subscriber=self.subscriber
+        )
         self.app = create_app(
             settings,
             recommender=self.recommender,
@@ -79,6 +102,7 @@ class ServingStack:
             decisions=self.decisions,
             subscriber=self.subscriber,
             store=store,
+            readiness=self.readiness,
         )
         self.server = api_server(self.app, settings, channel)
         self.store = store
@@ -117,6 +141,7 @@ class ServingStack:
         for thread in self._threads:
             thread.join(30)
         self.subscriber.stop()
+        self.readiness.close()
         try:  # the decision log first: its batch holds up to a second of responses
             self.decisions.close()
         finally:
@@ -130,9 +155,101 @@ class ServingStack:
 
 def api_producers(settings: Settings) -> tuple[EventProducer, EventProducer]:
     """The API's producers: one for posted events, sent at once (they change recommendations), and
-    one for the decision log, batched (``ServeSettings.impressions_linger_ms``)."""
-    events = EventProducer(settings, **{"linger.ms": 1})
+    one for the decision log, batched (``ServeSettings.impressions_linger_ms``).
+
+    The events producer gives a record up once ``publish_timeout_s`` has passed
+    (``message.timeout.ms``): the request that sent it has answered 503 by then, and a record
+    published after its request failed would break the request's all-or-nothing contract."""
+    timeout_ms = max(1, round(settings.serve.publish_timeout_s * 1000))
+    events = EventProducer(settings, **{"linger.ms": 1, "message.timeout.ms": timeout_ms})
     return events, EventProducer(settings, **{"linger.ms": settings.serve.impressions_linger_ms})
+
+
+class BoundedHttpTools(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a bounded request head and idle deadlines.
+
+    httptools buffers a header of any size (uvicorn bounds heads only for h11), and uvicorn starts
+    its idle timer only after a response, so a connection that never sends a request, or sends its
+    head a byte at a time, was held for ever. Here: the bytes received while a head is incomplete
+    are counted, and past ``max_head_bytes`` the answer is 431 and the connection closes (after a
+    short grace during which the rest of the input is discarded, so that the client reads the
+    answer rather than a reset); a head must complete within ``head_timeout_s`` of its first byte;
+    and a new connection gets the keep-alive timer at once. :func:`bounded_http` binds the limits.
+    """
+
+    max_head_bytes = 16_384
+    head_timeout_s = 10.0
+    _GRACE_S = 1.0
+
+    def connection_made(self, transport: Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._in_head = True  # awaiting (or receiving) a request line and headers
+        self._head_bytes = 0
+        self._heads_done = 0
+        self._refused = False
+        self._head_timer: TimerHandle | None = None
+        loop = asyncio.get_running_loop()
+        self.timeout_keep_alive_task = loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # discarded until the connection closes
+        done = self._heads_done
+        super().data_received(data)
+        if self._in_head and self._heads_done == done:  # no head completed within data: all head
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_head_bytes and not self.transport.is_closing():
+                self._refuse()
+
+    def on_message_begin(self) -> None:  # the first byte of a request
+        super().on_message_begin()
+        self._in_head = True
+        self._head_bytes = 0
+        self._cancel_head_timer()
+        self._head_timer = asyncio.get_running_loop().call_later(self.head_timeout_s, self._head_expired)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._heads_done += 1
+        self._cancel_head_timer()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if self._in_head and not self.transport.is_closing():
+            self.transport.close()
+
+    def _refuse(self) -> None:
+        self._refused = True
+        self._cancel_head_timer()
+        self._unset_keepalive_if_required()
+        body = b'{"detail":"the request line and headers are over %d bytes"}' % self.max_head_bytes
+        self.transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        asyncio.get_running_loop().call_later(self._GRACE_S, self.transport.close)
+
+
+def bounded_http(settings: Settings) -> type[BoundedHttpTools]:
+    """:class:`BoundedHttpTools` with the limits of ``settings.serve`` (uvicorn builds one protocol
+    object per connection from the class it is given)."""
+    limits = {
+        "max_head_bytes": settings.serve.max_head_bytes,
+        "head_timeout_s": settings.serve.head_timeout_s,
+    }
+    return type("ServeHttpProtocol", (BoundedHttpTools,), limits)
 
 
 def api_server(app: FastAPI, settings: Settings, channel: socket.socket | None = None) -> uvicorn.Server:
@@ -145,11 +262,132 @@ def api_server(app: FastAPI, settings: Settings, channel: socket.socket | None =
         log_level="warning",
         access_log=False,
         lifespan="off",
-        http="httptools",
+        http=bounded_http(settings),
         loop="uvloop",
+        timeout_keep_alive=settings.serve.keep_alive_s,
         timeout_graceful_shutdown=10,  # a stop waits at most this long for open connections
     )
     return uvicorn.Server(config) if channel is None else DealtServer(config, channel)
+
+
+class ReadinessProbe:
+    """Decides ``GET /readyz``: ready once the stream state has caught up, a model version is loaded
+    (or none exists yet), and Kafka answers.
+
+    - **Kafka**: a metadata request, then the end offsets of the topics involved, each with
+      ``ready_kafka_timeout_s``.
+    - **Stream**: the worker owns its partitions and its state is at most ``ready_max_lag``
+      messages behind the ends of the topics it reads (a partition it has not read yet counts from
+      its beginning). Without Kafka the lag is unknown, and not ready.
+    - **Model**: the replica holds a version, or none exists yet: no snapshot in the store and
+      nothing on the model topics. A replica whose subscriber died is not ready either.
+
+    Kafka is asked at most once per ``cache_s`` (a probe per request would load the broker); the
+    answer in between is the last one. Thread-safe; blocking for up to a few timeouts.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        worker: StreamWorker,
+        replica: Replica,
+        subscriber: ReplicaSubscriber | None = None,
+        cache_s: float = 1.0,
+    ) -> None:
+        self._settings = settings
+        self._worker = worker
+        self._replica = replica
+        self._subscriber = subscriber
+        self._cache_s = cache_s
+        self._lock = threading.Lock()
+        self._last: tuple[float, Readiness] | None = None
+        self._consumer: Consumer | None = None
+        topics = settings.topics
+        self._stream_topics = [topics.events]
+        if "counters" in worker.roles:
+            self._stream_topics.append(topics.impressions)
+        self._model_topics = [topics.model_sparse, topics.model_dense]
+
+    def __call__(self) -> Readiness:
+        with self._lock:
+            if self._last is not None and time.monotonic() - self._last[0] < self._cache_s:
+                return self._last[1]
+            state = self._check()
+            self._last = (time.monotonic(), state)
+            if not state.ready:
+                logger.debug("not ready: %s", state.reasons)
+            return state
+
+    def close(self) -> None:
+        with self._lock:
+            if self._consumer is not None:
+                self._consumer.close()
+                self._consumer = None
+
+    def _ends(self) -> dict[tuple[str, int], tuple[int, int]]:
+        """(low, high) watermarks of every partition of the stream and model topics."""
+        timeout = self._settings.serve.ready_kafka_timeout_s
+        if self._consumer is None:
+            self._consumer = Consumer(
+                self._settings.kafka_config(
+                    **{
+                        "group.id": f"freshrec-readyz-{uuid.uuid4().hex}",  # never joined: no subscribe
+                        "enable.auto.commit": False,
+                        "log_level": 0,  # an outage is reported by /readyz, not by a log per retry
+                    }
+                )
+            )
+        metadata = self._consumer.list_topics(timeout=timeout)
+        ends: dict[tuple[str, int], tuple[int, int]] = {}
+        for topic in self._stream_topics + self._model_topics:
+            described = metadata.topics.get(topic)
+            if described is None or described.error is not None:
+                continue
+            for partition in described.partitions:
+                low, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(topic, partition), timeout=timeout, cached=False
+                )
+                ends[(topic, partition)] = (low, high)
+        return ends
+
+    def _check(self) -> Readiness:
+        reasons: dict[str, str] = {}
+        ends: dict[tuple[str, int], tuple[int, int]] | None = None
+        try:
+            ends = self._ends()
+        except KafkaException as exc:
+            reasons["kafka"] = f"Kafka ({self._settings.bootstrap}) does not answer: {exc.args[0]}"
+        lag: int | None = None
+        worker = self._worker
+        if ends is not None:
+            with worker.lock:
+                offsets = dict(worker.state.offsets)
+            lag = sum(
+                max(0, high - max(low, offsets.get(tp, low)))
+                for tp, (low, high) in ends.items()
+                if tp[0] in self._stream_topics
+            )
+        if not worker.assigned:
+            reasons["stream"] = "the stream worker has no partitions yet"
+        elif lag is not None and lag > self._settings.serve.ready_max_lag:
+            reasons["stream"] = (
+                f"the stream state is {lag:,} messages behind (FRESHREC_SERVE__READY_MAX_LAG is "
+                f"{self._settings.serve.ready_max_lag:,})"
+            )
+        elif lag is None:
+            reasons["stream"] = "how far behind the stream state is cannot be known without Kafka"
+        if self._subscriber is not None and not self._subscriber.alive:
+            reasons["model"] = "the model replica stopped following the model topics"
+        elif self._replica.current is None:
+            snapshots = self._replica.snapshots.versions() if self._replica.snapshots is not None else []
+            published = ends is not None and any(
+                high > low for (topic, _), (low, high) in ends.items() if topic in self._model_topics
+            )
+            if snapshots or published:
+                where = f"snapshot v{snapshots[-1]}" if snapshots else "the model topics"
+                reasons["model"] = f"a model version exists ({where}) but none is loaded yet"
+        return Readiness(ready=not reasons, reasons=reasons, lag=lag)
 
 
 def serve(settings: Settings, *, workers: int, stop: threading.Event) -> int:
@@ -166,10 +404,15 @@ def serve(settings: Settings, *, workers: int, stop: threading.Event) -> int:
         _run(_stack(settings), stop)
         return 0
     assert threading.active_count() == 1, "fork the serving workers before starting any thread"
+    migrated = True
     if not settings.dsn.startswith("chdb://"):
         from freshrec.store import open_store
 
-        open_store(settings).close()  # migrate once here; the workers open theirs without migrating
+        try:  # migrate once here; the workers open theirs without migrating
+            open_store(settings).close()
+        except StoreUnavailable as exc:  # serving does not need it: the dashboard waits for it
+            logger.warning("ClickHouse cannot be reached (%s); serving without the dashboard's data", exc)
+            migrated = False
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -180,7 +423,9 @@ def serve(settings: Settings, *, workers: int, stop: threading.Event) -> int:
     dealer = Dealer(sock, workers)
     context = multiprocessing.get_context("fork")
     children = [
-        context.Process(target=_worker, args=(settings, n, dealer, os.getpid()), name=f"freshrec-serve-{n}")
+        context.Process(
+            target=_worker, args=(settings, n, dealer, os.getpid(), migrated), name=f"freshrec-serve-{n}"
+        )
         for n in range(workers)
     ]
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
@@ -222,14 +467,19 @@ _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def _stack(settings: Settings, channel: socket.socket | None = None, *, migrate: bool = True) -> ServingStack:
-    """A stack with the dashboard over a ClickHouse server (a chDB path belongs to `freshrec run`)."""
+    """A stack with the dashboard over a ClickHouse server (a chDB path belongs to `freshrec run`),
+    opened when the dashboard first asks: serving neither waits for ClickHouse nor needs it."""
     from freshrec.store import open_store
 
-    store = None if settings.dsn.startswith("chdb://") else open_store(settings, migrate=migrate)
+    store = None
+    if not settings.dsn.startswith("chdb://"):
+        store = LazyStore(
+            lambda: open_store(settings, migrate=migrate), retry_s=settings.serve.dashboard_retry_s
+        )
     return ServingStack(settings, store=store, channel=channel)
 
 
-def _worker(settings: Settings, n: int, dealer: Dealer, parent: int) -> None:
+def _worker(settings: Settings, n: int, dealer: Dealer, parent: int, migrated: bool) -> None:
     """One forked worker: its own replica of everything, serving the connections dealt to it, until
     SIGTERM."""
     if not die_with_parent(parent, signal.SIGTERM):  # stop with the supervisor, even after kill -9
@@ -239,7 +489,8 @@ def _worker(settings: Settings, n: int, dealer: Dealer, parent: int) -> None:
         signal.signal(signum, lambda *_: stop.set())
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # held back since the fork
     stream = settings.stream.model_copy(update={"worker_id": f"{settings.stream.worker_id}-{n}"})
-    _run(_stack(settings.model_copy(update={"stream": stream}), dealer.channel(n), migrate=False), stop)
+    worker_settings = settings.model_copy(update={"stream": stream})
+    _run(_stack(worker_settings, dealer.channel(n), migrate=not migrated), stop)
 
 
 def _run(stack: ServingStack, stop: threading.Event) -> None:

@@ -26,9 +26,11 @@ from publishers.server import ServingStack
 from publishers.serving import Recommender
 from publishers.snapshots import SnapshotStore
 from streams import sink
+from streams import worker as stream_worker
 from streams.admin import ensure_topics
 from streams.impressions import ImpressionSink
 from streams.producer import EventProducer
+from streams.reader import StateReader
 
 TOKEN = "s3cret-token"
 USERS = [f"u{n}" for n in range(40)]
@@ -101,7 +103,13 @@ def test_recommendations_auth_validation_and_the_decision_log(
     stack: ServingStack, api_settings: Settings, store: Store
 ) -> None:
     with _client(stack, token=None) as anonymous:
-        assert anonymous.get("/healthz").json() == {"status": "ok", "model_version": 1, "worker": "0"}
+        checksum = stack.replica.current.state_checksum if stack.replica.current else None
+        assert anonymous.get("/healthz").json() == {
+            "status": "ok",
+            "model_version": 1,
+            "state_checksum": checksum,
+            "worker": "0",
+        }
         assert anonymous.get("/v1/recommendations/u1").status_code == 401
         assert anonymous.post("/v1/events", json=[]).status_code == 401
     with _client(stack) as client:
@@ -171,7 +179,10 @@ def test_events_are_validated_as_a_whole_and_a_click_changes_the_next_response(s
             (1, "missing_field"),
             (2, "bad_value"),
         ]
-        assert client.post("/v1/events", content=b"{not json").status_code == 422
+        not_json = client.post(
+            "/v1/events", content=b"{not json", headers={"content-type": "application/json"}
+        )
+        assert not_json.status_code == 422 and not_json.json()["detail"][0]["reason"] == "not_json"
 
         first = client.get("/v1/recommendations/u2").json()
         clicked = first["items"][0]["item_id"]
@@ -262,3 +273,30 @@ def test_an_event_kafka_does_not_acknowledge_is_a_503_not_a_202(
     assert producer.failed == 1
     with pytest.raises(KafkaUnavailable, match="1 records failed delivery"):
         producer.close()  # says so, and still releases the client (and its polling thread)
+
+
+def test_a_new_user_gets_k_items_after_old_data_and_a_few_fresh_clicks(settings: Settings) -> None:
+    """Decayed popularity underflows to 0 for every item last seen years before the newest event:
+    the cold-start list must still be as long as the catalogue allows."""
+    ensure_topics(settings)
+    old = 880_000_000_000  # 1997-11-20
+    with EventProducer(settings) as producer:
+        for n in range(200):  # 50 items, a year of 1997-98 events
+            user, item = f"old-{n % 20}", f"film-{n % 50}"
+            event = {"event_id": f"old-{n}", "user_id": user, "item_id": item, "type": "rating",
+                     "ts": old + n * 150_000_000, "value": 4.0}  # fmt: skip
+            producer.produce(settings.topics.events, orjson.dumps(event), key=user.encode())
+        now = int(time.time() * 1000)
+        for n in range(3):  # today, on one item
+            event = {"event_id": f"fresh-{n}", "user_id": f"fresh-{n}", "item_id": "film-7",
+                     "type": "click", "ts": now - n}  # fmt: skip
+            producer.produce(settings.topics.events, orjson.dumps(event), key=f"fresh-{n}".encode())
+    worker, _ = stream_worker.run(settings, until_idle_s=1.0)
+    reader = StateReader(worker)
+    assert len(reader.popular(50, kind="decayed")) == 1  # what collapsed: only film-7 scores above 0
+    for policy in ("uncertainty", "epsilon", "none"):
+        serve = ServeSettings(seed=3, policy=policy, candidates=20)
+        recommender = Recommender(settings=serve, reader=reader)
+        items = [i.item_id for i in recommender.recommend("brand-new-user", 10).items]
+        assert len(items) == 10 and len(set(items)) == 10, (policy, items)
+        assert "film-7" in items or policy != "none"  # the fresh item is still ranked
