@@ -9,10 +9,28 @@ Every message on ``events`` ends in exactly one of the two tables, exactly once:
   producer has flushed (at-least-once delivery from Kafka).
 - **No doubles across crashes**: each row carries its Kafka ``(topic, partition, offset)``. When a
   partition is assigned, the sink reads from ClickHouse the highest offset already written to each
-  table for it, and skips messages at or below it for that table. One insert is one atomic part, and
-  a batch's ``events`` insert precedes its ``dead_letters`` insert, so after ``kill -9`` at any point
-  the replay writes exactly the rows that are missing. ClickHouse itself is the offset store: it
+  table for it (``E`` for ``events``, ``D`` for ``dead_letters``). One insert is one atomic part,
+  a batch's ``events`` insert precedes its ``dead_letters`` insert, and batches of a partition are
+  written in offset order, so after ``kill -9`` at any point:
+
+  - a message at or below ``D`` belongs to a batch that wrote both tables: skipped;
+  - an invalid message above ``D`` was never written: dead-lettered;
+  - a valid message above ``D`` but at or below ``E`` belongs to a batch whose ``events`` insert
+    landed and whose ``dead_letters`` insert may not have (killed between the two). It is either
+    in ``events`` or was a duplicate whose dead letter was lost. The sink looks its ``event_id`` up
+    in ``events`` (the table's key, one query per replayed batch): stored at this very offset means
+    skipped, stored at another offset means a ``duplicate_event_id`` dead letter is written now.
+    (Skipping every such message, as an earlier version did, lost those dead letters.)
+  - anything above ``E`` and ``D`` is new.
+
+  So the replay writes exactly the rows that are missing. ClickHouse itself is the offset store: it
   cannot disagree with the data it holds.
+- **ClickHouse outages**: a failed write (or read) is retried with exponential backoff
+  (``SinkSettings.retry_initial_s`` up to ``retry_max_s``), with one warning when the outage starts
+  and one line when ClickHouse is back. Nothing is committed to Kafka for a batch until both of its
+  inserts succeeded; calls to a ClickHouse server are bounded by ``FRESHREC_CLICKHOUSE_*_TIMEOUT_S``
+  so a server that hangs is an outage like any other. A sink stopped during an outage commits
+  nothing of the unwritten batch.
 - **Duplicates by ``event_id``**: a two-generation set of recent ids (``SinkSettings.dedup_horizon``,
   seeded from ClickHouse at start) turns a re-sent event into a ``duplicate_event_id`` dead letter.
   Producers key events by ``user_id``, so a re-sent event lands in the same partition and the same
@@ -32,15 +50,18 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
+from clickhouse_connect.driver.exceptions import ClickHouseError
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
-from freshrec.errors import InvalidEvent, KafkaUnavailable
-from freshrec.events import REASON_DUPLICATE, parse_event
+from freshrec.errors import InvalidEvent, KafkaUnavailable, StoreUnavailable
+from freshrec.events import REASON_DUPLICATE, Event, parse_event
+from freshrec.faults import fault_point
 from freshrec.settings import Settings
 from freshrec.store import Store
 from streams.admin import check_consume_error, ensure_topics
@@ -50,6 +71,11 @@ from streams.producer import EventProducer
 __all__ = ["AuditSink", "SinkStats", "run"]
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+#: What a ClickHouse call raises when the store is down, hangs past its timeout, or refuses a write.
+_STORE_FAILURES = (ClickHouseError, StoreUnavailable, OSError)
 
 EVENT_COLUMNS = (
     "event_id", "user_id", "item_id", "type", "ts", "value", "request_id", "context",
@@ -71,6 +97,8 @@ class SinkStats:
     duplicates: int = 0
     skipped_already_stored: int = 0
     batches: int = 0
+    store_retries: int = 0
+    store_outages: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
 
 
@@ -96,6 +124,7 @@ class AuditSink:
         self._consumer_overrides = consumer_overrides or {}
         self._consumer: Consumer | None = None
         self._producer: EventProducer | None = None
+        self._outage_since: float | None = None  # monotonic start of the current ClickHouse outage
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -164,22 +193,22 @@ class AuditSink:
         )  # fmt: skip
 
     def _max_offsets(self, table: str, partitions: list[int]) -> dict[int, int]:
-        rows = self._store.rows(
+        rows = self._retrying(f"read the stored offsets of {table}", lambda: self._store.rows(
             f"SELECT partition, max(offset) FROM {self._store.table(table)} "
             "WHERE topic = {topic:String} AND partition IN {partitions:Array(UInt32)} GROUP BY partition",
             {"topic": self._topic, "partitions": partitions},
-        )
+        ))  # fmt: skip
         return {int(partition): int(offset) for partition, offset in rows}
 
     def _seed_recent_ids(self) -> None:
         horizon = self._settings.sink.dedup_horizon
         if not horizon:
             return
-        rows = self._store.rows(
+        rows = self._retrying("read the recent event ids", lambda: self._store.rows(
             f"SELECT event_id FROM {self._store.table('events')} WHERE topic = {{topic:String}} "
             "ORDER BY ingested_at DESC, offset DESC LIMIT {n:UInt64}",
             {"topic": self._topic, "n": horizon // 2},
-        )
+        ))  # fmt: skip
         for (event_id,) in reversed(rows):
             self._recent.add(event_id)
         if rows:
@@ -197,6 +226,7 @@ class AuditSink:
         (e_id, e_user, e_item, e_type, e_ts, e_value, e_request, e_context,
          e_topic, e_partition, e_offset, e_kts, e_ingested) = ev  # fmt: skip
         dead: list[tuple[Message, str, str, str]] = []
+        replayed: list[tuple[Message, Event]] = []  # valid, in (D, E]: stored, or a lost dead letter
         next_offsets: dict[int, int] = {}
         stats = self.stats
         for message in messages:
@@ -209,6 +239,9 @@ class AuditSink:
             offset: int = message.offset()  # type: ignore[assignment]
             next_offsets[partition] = offset + 1
             stats.consumed += 1
+            if offset <= stored_dead.get(partition, -1):
+                stats.skipped_already_stored += 1  # its batch wrote both tables before a crash
+                continue
             raw = message.value() or b""
             kafka_ts = message.timestamp()[1]
             # "Now" for the future-skew rule is the broker's append time (LogAppendTime on topics we
@@ -218,20 +251,13 @@ class AuditSink:
             try:
                 event = parse_event(raw, now_ms=reference_ms, max_future_skew_ms=skew)
             except InvalidEvent as exc:
-                if offset > stored_dead.get(partition, -1):
-                    dead.append((message, exc.reason, exc.detail, ""))
-                else:
-                    stats.skipped_already_stored += 1
+                dead.append((message, exc.reason, exc.detail, ""))
                 continue
             if offset <= stored_events.get(partition, -1):
-                stats.skipped_already_stored += 1  # written before a crash; already remembered
+                replayed.append((message, event))  # resolved against `events` below
                 continue
             if event.event_id in recent:
-                if offset > stored_dead.get(partition, -1):
-                    detail = f"event_id {event.event_id[:80]!r} was already accepted"
-                    dead.append((message, REASON_DUPLICATE, detail, event.event_id))
-                else:
-                    stats.skipped_already_stored += 1
+                dead.append((message, REASON_DUPLICATE, _duplicate_detail(event.event_id), event.event_id))
                 continue
             recent.add(event.event_id)
             e_id.append(event.event_id)
@@ -245,18 +271,49 @@ class AuditSink:
             e_partition.append(partition)
             e_offset.append(offset)
             e_kts.append(kafka_ts if kafka_ts > 0 else now_ms)
+        if replayed:
+            dead.extend(self._resolve_replayed(replayed))
         ingested_ms = int(time.time() * 1000)
         n_events = len(e_id)
         if n_events:
             e_topic.extend([topic] * n_events)
             e_ingested.extend([ingested_ms] * n_events)
-            self._store.insert("events", ev, column_names=EVENT_COLUMNS)
+            self._retrying(
+                "insert into events",
+                lambda: self._store.insert("events", ev, column_names=EVENT_COLUMNS),
+            )
             stats.events += n_events
+        fault_point("sink.after_events_insert")
         if dead:
             self._write_dead_letters(dead, ingested_ms)
         if next_offsets:
             self._commit(next_offsets)
         stats.batches += 1
+
+    def _resolve_replayed(self, replayed: list[tuple[Message, Event]]) -> list[tuple[Message, str, str, str]]:
+        """Valid messages of a batch that was cut between its two inserts: those stored in
+        ``events`` at their own offset are skipped; the others were duplicates whose dead letter
+        was lost, and are returned as dead letters to write now."""
+        ids = sorted({event.event_id for _, event in replayed})
+        rows = self._retrying("look up replayed event ids", lambda: self._store.rows(
+            f"SELECT event_id, partition, offset FROM {self._store.table('events')} "
+            "WHERE event_id IN {ids:Array(String)} AND topic = {topic:String}",
+            {"ids": ids, "topic": self._topic},
+        ))  # fmt: skip
+        stored: dict[str, set[tuple[int, int]]] = {}
+        for event_id, partition, offset in rows:
+            stored.setdefault(event_id, set()).add((int(partition), int(offset)))
+        dead: list[tuple[Message, str, str, str]] = []
+        for message, event in replayed:
+            at = stored.get(event.event_id)
+            if at is None or (message.partition(), message.offset()) in at:
+                # Stored here. (Not stored anywhere cannot follow from a cut between two inserts;
+                # were it to happen, the event is not dropped: ReplacingMergeTree keeps one copy.)
+                self.stats.skipped_already_stored += 1
+                self._recent.add(event.event_id)
+                continue
+            dead.append((message, REASON_DUPLICATE, _duplicate_detail(event.event_id), event.event_id))
+        return dead
 
     def _write_dead_letters(self, dead: list[tuple[Message, str, str, str]], received_ms: int) -> None:
         assert self._producer is not None
@@ -283,17 +340,67 @@ class AuditSink:
             self.stats.reasons[reason] = self.stats.reasons.get(reason, 0) + 1
             if reason == REASON_DUPLICATE:
                 self.stats.duplicates += 1
-        self._store.insert("dead_letters", columns, column_names=DEAD_LETTER_COLUMNS)
+        self._retrying(
+            "insert into dead_letters",
+            lambda: self._store.insert("dead_letters", columns, column_names=DEAD_LETTER_COLUMNS),
+        )
         self.stats.dead_letters += len(dead)
         self._producer.flush()
 
     def _commit(self, next_offsets: dict[int, int]) -> None:
         assert self._consumer is not None
-        self._consumer.store_offsets(
-            offsets=[
-                TopicPartition(self._topic, partition, offset) for partition, offset in next_offsets.items()
-            ]
-        )
+        offsets = [TopicPartition(self._topic, p, offset) for p, offset in next_offsets.items()]
+        try:
+            self._consumer.store_offsets(offsets=offsets)
+        except KafkaException as exc:
+            # The partitions moved on while this batch waited (a long ClickHouse outage outlasts
+            # max.poll.interval.ms). Nothing is lost: their next owner (this sink after it rejoins,
+            # or another) reads what ClickHouse holds on assignment and skips it.
+            logger.info("offsets not stored, the partitions were reassigned meanwhile: %s", exc)
+
+    # ------------------------------------------------------------------ ClickHouse outages
+
+    def _retrying(self, what: str, call: Callable[[], _T]) -> _T:
+        """``call()`` until it succeeds, with exponential backoff between failures; one warning
+        when an outage starts, one line when it ends. Raises :class:`StoreUnavailable` if the sink
+        is stopped meanwhile (the batch is then neither written nor committed)."""
+        delay = self._settings.sink.retry_initial_s
+        while True:
+            try:
+                result = call()
+            except _STORE_FAILURES as exc:
+                if self._outage_since is None:
+                    self._outage_since = time.monotonic()
+                    self.stats.store_outages += 1
+                    logger.warning(
+                        "ClickHouse failed (%s: %s); retrying with backoff, Kafka offsets held "
+                        "until the batch is stored",
+                        what, _one_line(exc),
+                    )  # fmt: skip
+                self.stats.store_retries += 1
+                if self._stop.wait(delay):
+                    raise StoreUnavailable(
+                        f"stopped while ClickHouse was unavailable ({_one_line(exc)}); the unwritten "
+                        "batch was not committed and is read again on the next start"
+                    ) from exc
+                delay = min(delay * 2, self._settings.sink.retry_max_s)
+                continue
+            if self._outage_since is not None:
+                logger.info(
+                    "ClickHouse is back after %.1f s; the sink goes on",
+                    time.monotonic() - self._outage_since,
+                )
+                self._outage_since = None
+            return result
+
+
+def _duplicate_detail(event_id: str) -> str:
+    return f"event_id {event_id[:80]!r} was already accepted"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def run(settings: Settings, store: Store, *, until_idle_s: float | None = None) -> SinkStats:
