@@ -378,7 +378,11 @@ class ReadinessProbe:
         elif lag is None:
             reasons["stream"] = "how far behind the stream state is cannot be known without Kafka"
         if self._subscriber is not None and not self._subscriber.alive:
-            reasons["model"] = "the model replica stopped following the model topics"
+            reasons["model"] = (
+                f"the model replica stopped following the model topics: {self._subscriber.error}"
+                if self._subscriber.error is not None
+                else "the model replica is not following the model topics (not started, or stopped)"
+            )
         elif self._replica.current is None:
             snapshots = self._replica.snapshots.versions() if self._replica.snapshots is not None else []
             published = ends is not None and any(

@@ -110,6 +110,9 @@ def test_recommendations_auth_validation_and_the_decision_log(
             "state_checksum": checksum,
             "worker": "0",
         }
+        # Ready: caught up, version 1 loaded, Kafka answering; no token needed, as for /healthz.
+        wait_until(lambda: anonymous.get("/readyz").status_code == 200, timeout_s=30)
+        assert anonymous.get("/readyz").json()["reasons"] == {}
         assert anonymous.get("/v1/recommendations/u1").status_code == 401
         assert anonymous.post("/v1/events", json=[]).status_code == 401
     with _client(stack) as client:
