@@ -191,7 +191,10 @@ def broker_status(as_json: bool) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def replay(dataset: str, limit: int | None, speed: float | None, as_json: bool) -> None:
-    """Publish DATASET (ml-100k, ml-latest-small, amazon-games, or a JSONL path) to `events`."""
+    """Publish DATASET (ml-100k, ml-latest-small, amazon-games, or a JSONL path) to `events`.
+
+    An interrupted replay of the same DATASET is resumed: only records not yet on the topic are sent.
+    """
     from streams import replay as replay_module
 
     settings = _settings()
@@ -200,6 +203,7 @@ def replay(dataset: str, limit: int | None, speed: float | None, as_json: bool) 
     result = {
         "dataset": stats.dataset,
         "published": stats.published,
+        "already_on_topic": stats.resumed_after,
         "seconds": round(stats.seconds, 3),
         "events_per_s": round(stats.rate),
         "synthetic_ts": stats.synthetic_ts,

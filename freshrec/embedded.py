@@ -1,7 +1,8 @@
 """``freshrec run``: the embedded mode, everything in one process on the local defaults.
 
 This process owns the chDB path (chDB allows one process per path), starts the local broker when
-no cluster is configured, publishes a dataset unless ClickHouse already holds it, and runs the audit
+no cluster is configured, publishes a dataset once (a run killed mid-replay resumes it on the next
+start, publishing only the records missing from the topic; see :mod:`streams.replay`), and runs the audit
 sink (events and the decision log). With ``until_idle_s`` it stops once the topics are drained and
 prints what ClickHouse holds (``make run``). Without it, it keeps running and also hosts the serving
 stack (the HTTP API with its stream worker and model replica) and the fine-tune schedule, until
@@ -46,11 +47,7 @@ def run(
     try:
         replayed = 0
         if dataset is not None:
-            already = _rows_of_dataset(store, dataset)
-            if already:
-                logger.info("ClickHouse already holds %d events of %s: not replaying", already, dataset)
-            else:
-                replayed = replay.run(settings, dataset, progress=progress).published
+            replayed = _replay_once(settings, store, dataset, progress)
         if until_idle_s is not None:
             stats = sink.run(settings, store, until_idle_s=until_idle_s)
         else:
@@ -83,6 +80,20 @@ def _serve_everything(settings: Settings, store: Store) -> sink.SinkStats:
         tuner.publisher.close()
         stack.stop()
         dashboard_store.close()
+
+
+def _replay_once(settings: Settings, store: Store, dataset: str, progress: Progress | None) -> int:
+    """Publish ``dataset`` once per deployment: resume it if a previous run was cut mid-replay
+    (only the records not yet on the topic are published), skip it once complete. Without a
+    replay ledger (a deployment older than it), events of the dataset in ClickHouse mean done."""
+    state = replay.replay_state(settings, dataset)
+    if state == "complete":
+        logger.info("%s was replayed to %s before: not replaying", dataset, settings.topics.events)
+        return 0
+    if state == "new" and (already := _rows_of_dataset(store, dataset)):
+        logger.info("ClickHouse already holds %d events of %s: not replaying", already, dataset)
+        return 0
+    return replay.run(settings, dataset, progress=progress).published
 
 
 def _rows_of_dataset(store: Store, dataset: str) -> int:
