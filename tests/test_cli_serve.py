@@ -128,3 +128,40 @@ def _alive(pid: str) -> bool:
         return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
     except FileNotFoundError:
         return False
+
+
+def test_serve_starts_and_serves_without_clickhouse(settings: Settings) -> None:
+    """Only the dashboard needs ClickHouse: with nothing listening at the DSN, serve starts,
+    recommendations are served, and the dashboard's data routes answer 503 saying why."""
+    port, closed = free_port_pair()  # nothing listens on `closed`
+    env = cli_env(settings, dsn=f"http://127.0.0.1:{closed}") | {"FRESHREC_API_PORT": str(port)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "freshrec", "serve"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+
+            def listening() -> bool:
+                assert process.poll() is None, "serve exited without ClickHouse"
+                try:
+                    return http.get("/healthz").status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_until(listening, timeout_s=120, interval_s=0.1)
+            served = http.get("/v1/recommendations/someone", params={"k": 5})
+            assert served.status_code == 200 and served.json()["user_id"] == "someone"
+            panel = http.get("/v1/dashboard/events_by_type")
+            assert panel.status_code == 503 and "ClickHouse cannot be reached" in panel.json()["detail"]
+            assert http.get("/v1/dashboard").status_code == 200  # the page's panel list needs no data
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+        assert process.returncode == 0, err[-2000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
