@@ -9,7 +9,10 @@ the stream roles and the serving replicas (``<stream group>``, ``<stream group>.
 group only while it has a member), on this deployment's topics (``FRESHREC_TOPIC_PREFIX``). Stream
 workers commit the offsets of each checkpoint once it is on disk, for this only.
 
-Sampling is best effort and never stops the sink: a failed sample is logged and the next one tried.
+Sampling is best effort and never stops the sink: a failed sample is retried at the next interval
+with a new Kafka admin client (one that lived through a broker restart may never answer again:
+librdkafka's admin requests kept timing out on it while a new client got answers at once). An
+outage is logged once when it starts and once when sampling works again, not at every interval.
 A group's committed offsets trail its progress by up to its commit interval (1 s for the sink, the
 checkpoint interval for stream workers, 5 s by default), so lag reads high by that much.
 """
@@ -18,11 +21,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import ConsumerGroupState, ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka import ConsumerGroupState, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
 from confluent_kafka import admin as kafka_admin
 from confluent_kafka.admin import AdminClient
 
@@ -63,6 +67,8 @@ def _ours(settings: Settings, group: str, state: ConsumerGroupState) -> bool:
 def sample_lag(settings: Settings, admin: AdminClient, *, timeout_s: float = 10.0) -> list[LagRow]:
     """One sample: every partition this deployment's groups have committed offsets for."""
     listed = admin.list_consumer_groups(request_timeout=timeout_s).result()
+    if listed.errors:  # some broker did not answer: an empty or partial list would read as no lag
+        raise KafkaException(listed.errors[0])
     groups = sorted(g.group_id for g in listed.valid if _ours(settings, g.group_id, g.state))
     committed: dict[tuple[str, str, int], int] = {}
     for group in groups:
@@ -100,11 +106,15 @@ class LagSampler:
         self._store = store
         self._interval_s = interval_s
         self._stop = threading.Event()
-        self._admin = AdminClient(settings.kafka_config(log_level=3))
+        self._admin: AdminClient | None = None
+        self._failing_since: float | None = None  # monotonic start of the current run of failures
         self.samples = 0
+        self.failures = 0
 
     def sample(self) -> list[LagRow]:
         """Take one sample and store it; return its rows."""
+        if self._admin is None:
+            self._admin = AdminClient(self._settings.kafka_config(log_level=3))
         rows = sample_lag(self._settings, self._admin)
         if rows:
             now = datetime.now(UTC)
@@ -132,8 +142,21 @@ class LagSampler:
     def _sample_logged(self) -> None:
         try:
             self.sample()
-        except Exception:  # best effort: a broker or ClickHouse hiccup costs one sample
-            logger.warning("consumer lag sample failed; trying again later", exc_info=True)
+        except Exception as exc:  # best effort: a broker or ClickHouse outage costs samples, no more
+            self.failures += 1
+            self._admin = None  # a new client for the next try
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
+                logger.warning(
+                    "consumer lag sampling failed (%s); retrying every %g s with a new Kafka client",
+                    " ".join(str(exc).split())[:300], self._interval_s,
+                )  # fmt: skip
+            return
+        if self._failing_since is not None:
+            logger.info(
+                "consumer lag sampling works again after %.1f s", time.monotonic() - self._failing_since
+            )
+            self._failing_since = None
 
     def stop(self) -> None:
         self._stop.set()
