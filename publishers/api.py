@@ -46,6 +46,7 @@ serve user ``a/b``.
 # runtime, and ``k``'s bound (``max_k``) is a closure variable that a string annotation cannot name.
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
@@ -97,6 +98,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _ECHO_CHARS = 64  # the most of any client input an error body repeats
+_INLINE_BYTES = 16_384  # bodies up to this size are checked on the event loop (<1 ms: 0.8 ms for 200 events)
 
 
 class Item(BaseModel):
@@ -479,7 +481,7 @@ def create_app(
                 "send the events in smaller requests"
             )
             return _json({"detail": detail}, 413)
-        checked = await asyncio.to_thread(
+        check = functools.partial(
             check_batch,
             raw,
             now_ms=int(time.time() * 1000),
@@ -487,6 +489,9 @@ def create_app(
             max_events=serve.max_request_events,
             max_errors=serve.max_errors_listed,
         )
+        # A small body checks in well under a millisecond: the thread hop would cost more than it
+        # saves. A large one goes to a worker thread, so the other routes stay responsive.
+        checked = check() if len(raw) <= _INLINE_BYTES else await asyncio.to_thread(check)
         del raw
         if checked.too_many:
             metrics.rejected.inc()
