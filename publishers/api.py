@@ -38,8 +38,12 @@ serve user ``a/b``.
   stored. **A 503 is the one case where part of a request may be stored**: resend the whole
   request, since the ``event_id`` makes a resend harmless (a stored event sent again is
   dead-lettered as ``duplicate_event_id``, never counted twice). Kafka transactions would make even
-  that case all-or-nothing, at the cost of a transaction per request and of consumers' lag never
-  reading 0 (each commit marker takes an offset no consumer stores); not done.
+  that case all-or-nothing; not done, for their costs: one open transaction at a time per producer
+  (concurrent requests would queue behind each other's commits), a commit per request (measured on
+  the local broker: 8.1 against 5.1 ms p50 and 50 against 26 ms p99 for one record), a commit
+  marker taking an offset on ``events`` per request (the lag of a consumer that stores the offset
+  after its last record never reads 0), and a transaction left open by a killed process holding
+  up every read-committed consumer of its partitions until ``transaction.timeout.ms``.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the route signatures' annotations at
