@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
@@ -130,17 +130,23 @@ class ModelLog:
     highest: int = 0  # the highest version number on the topics, committed or not (0: none)
 
 
-def read_log(settings: Settings, *, since_ms: int | None, timeout_s: float = 60.0) -> ModelLog:
+def read_log(
+    settings: Settings, *, since_ms: int | None, known: Collection[int] = (), timeout_s: float = 60.0
+) -> ModelLog:
     """Read both model topics from ``since_ms`` (producer time; None: from the beginning) to their ends.
 
     Two passes over the same range: ``read_uncommitted`` for every number that ever reached the log
-    (aborted transactions included), ``read_committed`` for the updates that exist.
+    (aborted transactions included), then ``read_committed`` for the updates that exist. The second
+    pass is skipped when every number found is in ``known`` (the caller has them all already), so
+    a publisher's steady-state check reads the payloads once, not twice.
     """
     headers: dict[int, ChunkHeader] = {}
     for message in _messages(settings, "read_uncommitted", since_ms, timeout_s):
         header = _header(message)
         if header is not None:
             headers.setdefault(header.version, header)
+    if all(version in known for version in headers):
+        return ModelLog(committed=(), headers=headers, highest=max(headers, default=0))
     assembler = ChunkAssembler(max_partial=1 << 20)  # keep every partial: it is a bounded read
     committed: dict[int, Committed] = {}
     for message in _messages(settings, "read_committed", since_ms, timeout_s):

@@ -237,7 +237,13 @@ class Publisher:
         head = self.snapshots.latest()
         recorded = self._recorded()
         since = None if head is None else head.created_at_ms - SYNC_SLACK_MS
-        log = read_log(self._settings, since_ms=since)
+        if recorded is not None:
+            known: set[int] = {
+                v for v, kind in recorded.items() if kind != "aborted" and (head is None or v <= head.version)
+            }
+        else:
+            known = set() if head is None else set(range(1, head.version + 1))
+        log = read_log(self._settings, since_ms=since, known=known)
         for entry in log.committed:
             update = entry.update
             if head is None or update.version > head.version:
