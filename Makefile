@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv browser run test check lint typecheck bench broker-start broker-stop clean
+.PHONY: go venv browser run test check lint typecheck bench broker-start broker-stop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,12 +26,20 @@ browser:
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium \
 	  || { $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }; }
 
+## Go, for tests/compose_check (compose-go, Docker Compose's own loader, validates docker-compose.yml).
+go:
+	@command -v go >/dev/null 2>&1 || test -x /usr/local/go/bin/go || { \
+	  echo "installing Debian's Go for the compose-file check"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends golang-go \
+	  || { $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends golang-go; }; }
+
 ## Start the local broker, replay ml-100k, sink it into the embedded ClickHouse, print a summary.
 run: venv
 	$(BIN)/freshrec run --dataset ml-100k --until-idle 5
 
 ## Unit and integration tests against the real broker, the embedded ClickHouse (chDB) and chromium.
-test: venv browser
+test: venv browser go
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: venv
