@@ -1,0 +1,631 @@
+"""Replay evaluation: score what the system serves, request by request, in event time.
+
+A dataset is replayed in time order into a one-partition topic of the run's own and consumed back.
+For every event, **before** anything learns from it, each method ranks the user's top ``k`` with the
+items the user already interacted with left out, and the event's item is scored: a hit when it is
+in the top ``k``, NDCG@k ``1 / log2(rank + 2)``. Then the event is learned, through the very code a
+stream worker runs on a batch (:meth:`streams.worker.StreamWorker._apply`, one message at a time).
+
+What is scored is the real serving path, not a re-implementation of it: ``served`` and
+``served_explore`` are :meth:`publishers.serving.Recommender.recommend` (policies ``none`` and
+``uncertainty``) over a :class:`~streams.reader.StateReader` of that worker and the newest version a
+:class:`~publishers.replica.Replica` applied from the model topics. The transformer is fine-tuned in
+**event time**: every ``finetune_every`` events a :class:`~learners.finetune.FineTuner` trains on the
+freshest window of the events seen so far and publishes through the real
+:class:`~publishers.publisher.Publisher`; the replica, fed from Kafka by a
+:class:`~publishers.replica.ReplicaSubscriber`, must have applied that version before the next
+request is scored (a bounded wait), as a serving replica would between two requests.
+
+Methods, all on the same requests:
+
+- ``popularity``: all-time counts of the stream state, ties broken by first appearance of the item
+  (the protocol and numbers of ``freshrec eval prequential``'s popularity);
+- ``decayed_popularity``: the stream state's forward-decayed counts (``FRESHREC_STREAM__HALF_LIFE_S``);
+- ``cooccurrence``: summed co-occurrence with the user's last 10 history items, as serving asks it;
+- ``mf``: the stream worker's MF head over the whole catalogue;
+- ``transformer``: the serving index of the newest applied version (fine-tuned as the replay goes);
+- ``transformer_frozen``: the first version (trained once on the first ``finetune_every`` events),
+  never updated;
+- ``served``, ``served_explore``: the lists the API returns.
+
+Single sources rank the whole catalogue seen so far (ties by first appearance); the transformer
+ranks its confident index; ``served`` is scored on the list as returned. An event whose item was never
+seen before, or that the user already interacted with, cannot be recommended by anyone: it is a miss
+for every method and stays in the denominator (as in ``eval prequential``). ``--sample F`` scores a
+seeded subset of the events (every event is still learned), the same subset for every method.
+
+Intervals (``ci95``): the normal approximation of the mean over per-event outcomes,
+``mean ± 1.96 sd / sqrt(n)`` (for HR, the Wald interval of a proportion). Paired differences between
+two methods on the same requests are reported the same way over per-event differences, which is
+much tighter than comparing two separate intervals.
+
+Serving's popularity list is cached for 0.5 s of wall clock; in event time that would make the list
+depend on how fast the machine replays, so the cache is cleared before each request.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import shutil
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+from confluent_kafka import Consumer, Message
+
+from freshrec.errors import ConfigError, KafkaUnavailable, NothingToTrain
+from freshrec.events import Event, parse_event
+from freshrec.settings import Settings
+from freshrec.store import Store
+from learners.finetune import FineTuner
+from learners.mf import MatrixFactorisationHead
+from learners.sequences import LEARNED_TYPES, Sequences, sequences_from_events
+from publishers.publisher import Publisher
+from publishers.replica import Replica, ReplicaSubscriber
+from publishers.retrieval import RowStats, ServingIndex
+from publishers.serving import Recommender
+from publishers.snapshots import SnapshotStore
+from publishers.updates import ModelVersion, state_checksum
+from streams import replay
+from streams.reader import StateReader
+from streams.worker import StreamWorker
+
+__all__ = ["METHODS", "MethodScores", "ReplayConfig", "ReplayEvaluator", "interval", "run"]
+
+logger = logging.getLogger(__name__)
+
+METHODS: Final = (
+    "popularity", "decayed_popularity", "cooccurrence", "mf",
+    "transformer", "transformer_frozen", "served", "served_explore",
+)  # fmt: skip
+SINGLE_SOURCES: Final = ("popularity", "decayed_popularity", "cooccurrence", "mf", "transformer")
+_EVAL_COLUMNS: Final = (
+    "run_id", "dataset", "protocol", "method", "events", "k", "hr", "ndcg", "params",
+    "started_at", "finished_at",
+)  # fmt: skip
+_Z95: Final = 1.959964
+FloatArray = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayConfig:
+    """What a replay evaluation does besides the settings' own sections."""
+
+    k: int = 10
+    finetune_every: int = 10_000  # events between two fine-tunes, in event order (0: never)
+    sample: float = 1.0  # share of the events scored (all are learned)
+    seed: int = 0  # of the sample and of the exploration sampler
+    apply_timeout_s: float = 120.0  # longest wait for the replica to apply a published version
+    buckets: int = 20  # points of the quality-over-time series
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ConfigError(f"k must be at least 1, got {self.k}")
+        if not 0.0 < self.sample <= 1.0:
+            raise ConfigError(
+                f"--sample must be in (0, 1], got {self.sample}: it is the share of events scored"
+            )
+        if self.finetune_every < 0:
+            raise ConfigError(f"--finetune-every must be 0 (never) or more, got {self.finetune_every}")
+
+
+@dataclass(slots=True)
+class MethodScores:
+    """Per scored event, the NDCG@k gain of one method (0 for a miss; a hit is a gain above 0)."""
+
+    gains: list[float] = field(default_factory=list)
+
+    def add(self, rank: int | None, k: int) -> None:
+        self.gains.append(1.0 / math.log2(rank + 2) if rank is not None and rank < k else 0.0)
+
+    def summary(self) -> dict[str, Any]:
+        gains = np.asarray(self.gains, dtype=np.float64)
+        hits = (gains > 0).astype(np.float64)
+        return {
+            "hr@10": float(hits.mean()) if len(hits) else 0.0,
+            "ndcg@10": float(gains.mean()) if len(gains) else 0.0,
+            "ci95": list(interval(hits)),
+            "ndcg_ci95": list(interval(gains)),
+        }
+
+
+def interval(values: FloatArray) -> tuple[float, float]:
+    """95% normal-approximation interval of the mean of ``values``."""
+    n = len(values)
+    if n == 0:
+        return (0.0, 0.0)
+    mean = float(values.mean())
+    half = _Z95 * float(values.std(ddof=1)) / math.sqrt(n) if n > 1 else float("inf")
+    return (mean - half, mean + half)
+
+
+class ReplayEvaluator:
+    """Test-then-learn over messages of the events topic; see the module docstring.
+
+    ``finetune`` (settable after construction, since the fine-tune reads :meth:`freshest`): called
+    with the event count after every ``finetune_every``-th learned event; it returns the version it
+    published (or None), which the replica must then apply before the next scored request.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        config: ReplayConfig,
+        replica: Replica,
+        finetune: Callable[[int], int | None] | None = None,
+    ) -> None:
+        self.config = config
+        self.k = config.k
+        self.worker = StreamWorker(settings)
+        self.reader = StateReader(self.worker)
+        self.replica = replica
+        self.finetune = finetune
+        serve = settings.serve
+        self._serve = serve
+        self.served = Recommender(
+            settings=serve.model_copy(update={"policy": "none", "seed": config.seed}),
+            replica=replica,
+            reader=self.reader,
+        )
+        self.explore = Recommender(
+            settings=serve.model_copy(update={"policy": "uncertainty", "seed": config.seed}),
+            replica=replica,
+            reader=self.reader,
+        )
+        self.frozen: ServingIndex | None = None  # built once, from the first version applied
+        self.scores = {method: MethodScores() for method in METHODS}
+        self.events = 0
+        self.scorable = 0  # scored events whose item was known and not yet seen by the user
+        self.timeline: list[tuple[int, int, int]] = []  # per scored event: (event number, ts, version)
+        self.finetunes: list[dict[str, Any]] = []
+        self.window: deque[tuple[str, str, int]] = deque(maxlen=settings.train.window_events)
+        self._rng = random.Random(config.seed)
+        self._seen: dict[str, set[str]] = {}
+        self._seen_rows: dict[str, list[int]] = {}
+        self._factors: FloatArray = np.zeros((0, 0))
+        self._biases: FloatArray = np.zeros(0)
+        replica.on_version(self._on_version)
+        if replica.current is not None:
+            self._on_version(replica.current)
+
+    # ------------------------------------------------------------------ the loop
+
+    def step(self, message: Message) -> None:
+        """Score the message's event with every method (when sampled), then learn it."""
+        value = message.value() or b""
+        event = parse_event(value, now_ms=2**62, max_future_skew_ms=0)
+        self.events += 1
+        if self._rng.random() < self.config.sample:
+            self.score(event)
+        self.learn(message, event)
+
+    def score(self, event: Event) -> None:
+        """Every method's rank of the event's item, from the state before the event."""
+        version = self.replica.version
+        self.timeline.append((self.events, event.ts_ms, version))
+        counters = self.worker.state.counters
+        target = counters.items.lookup(event.item_id)
+        seen = self._seen.get(event.user_id, set())
+        if target < 0 or event.item_id in seen:
+            for scores in self.scores.values():
+                scores.add(None, self.k)
+            return
+        self.scorable += 1
+        n = len(counters.items)
+        seen_rows = self._seen_rows.get(event.user_id, [])
+        history = [entry.item_id for entry in self.reader.history(event.user_id)]
+        vectors = {
+            "popularity": counters.scores("total"),
+            "decayed_popularity": counters.scores("decayed"),
+            "cooccurrence": self._cooccurrence(history, seen, n),
+            "mf": self._mf(event.user_id, n),
+        }
+        for method, values in vectors.items():
+            if seen_rows:
+                values[seen_rows] = -np.inf
+            self.scores[method].add(rank_of(values, target), self.k)
+        for method, index in (("transformer", self.served.index), ("transformer_frozen", self.frozen)):
+            self.scores[method].add(_index_rank(index, history, seen, event.item_id, self.k), self.k)
+        for method, recommender in (("served", self.served), ("served_explore", self.explore)):
+            recommender._popular_cache = None  # event time, not wall time: see the module docstring
+            items = [item.item_id for item in recommender.recommend(event.user_id, self.k).items]
+            self.scores[method].add(items.index(event.item_id) if event.item_id in items else None, self.k)
+
+    def learn(self, message: Message, event: Event) -> None:
+        """The stream worker's own apply path for this one message, then :meth:`remember`."""
+        self.worker._apply([message])
+        self.remember(event)
+
+    def remember(self, event: Event) -> None:
+        """What the evaluator keeps of a learned event (seen items, MF mirror, the fine-tune's
+        window), then the fine-tune schedule."""
+        counters = self.worker.state.counters
+        row = counters.items.lookup(event.item_id)
+        seen = self._seen.setdefault(event.user_id, set())
+        if event.item_id not in seen:
+            seen.add(event.item_id)
+            self._seen_rows.setdefault(event.user_id, []).append(row)
+        self._mirror_mf(len(counters.items))
+        if event.type in LEARNED_TYPES:
+            self.window.append((event.user_id, event.item_id, event.ts_ms))
+        every = self.config.finetune_every
+        if self.finetune is not None and every and self.events % every == 0:
+            self._cycle()
+
+    def freshest(self) -> tuple[Sequences, int]:
+        """The fine-tune's window: the last ``window_events`` learned events seen so far."""
+        return sequences_from_events(self.window), len(self.window)
+
+    # ------------------------------------------------------------------ methods
+
+    def _cooccurrence(self, history: Sequence[str], seen: set[str], n: int) -> FloatArray:
+        values = np.zeros(n)
+        if history:
+            lookup = self.worker.state.counters.items.lookup
+            for item, score in self.worker.state.cooccurrence.score(history[-10:], exclude=seen).items():
+                row = lookup(item)
+                if 0 <= row < n:
+                    values[row] = score
+        return values
+
+    def _mf_head(self) -> MatrixFactorisationHead | None:
+        head = self.worker.state.heads.get("mf")
+        return head if isinstance(head, MatrixFactorisationHead) else None
+
+    def _mf(self, user_id: str, n: int) -> FloatArray:
+        """The MF head's score of every item row, by one product over mirrored item factors."""
+        head = self._mf_head()
+        if head is None:
+            return np.zeros(n)
+        self._grow(n)
+        base = self._biases[:n] + head.global_mean
+        user = head.user_factors(user_id)
+        if user is None or not self._factors.shape[1]:
+            return base
+        vector, bias = user
+        scores: FloatArray = self._factors[:n] @ np.asarray(vector, dtype=np.float64) + base + bias
+        return scores
+
+    def _mirror_mf(self, n: int) -> None:
+        head = self._mf_head()
+        if head is None:
+            return
+        lookup = self.worker.state.counters.items.lookup
+        for item in head.touched:
+            factors = head.item_factors(item)
+            row = lookup(item)
+            if factors is None or row < 0:
+                continue
+            vector, bias = factors
+            if not self._factors.shape[1]:
+                self._factors = np.zeros((len(self._biases), len(vector)))
+            self._grow(max(n, row + 1))
+            self._factors[row] = vector
+            self._biases[row] = bias
+
+    def _grow(self, n: int) -> None:
+        if n <= len(self._biases):
+            return
+        size = max(n, 2 * len(self._biases), 1024)
+        biases = np.zeros(size)
+        biases[: len(self._biases)] = self._biases
+        factors = np.zeros((size, self._factors.shape[1]))
+        factors[: len(self._factors)] = self._factors
+        self._biases, self._factors = biases, factors
+
+    # ------------------------------------------------------------------ fine-tunes
+
+    def _on_version(self, version: ModelVersion) -> None:
+        if self.frozen is None:  # the first version: trained once, never updated
+            stats = RowStats()
+            stats.observe(version)
+            self.frozen = ServingIndex.build(
+                version,
+                stats,
+                max_uncertainty=self._serve.index_max_uncertainty,
+                max_pool=self._serve.explore_pool,
+                quantized=self._serve.quantized_scan,
+            )
+
+    def _cycle(self) -> None:
+        assert self.finetune is not None
+        started = time.monotonic()
+        version = self.finetune(self.events)
+        trained = time.monotonic()
+        if version is None:
+            return
+        deadline = trained + self.config.apply_timeout_s
+        while not self._serving(version):  # the next request must see it, as a replica's would
+            if time.monotonic() > deadline:
+                raise KafkaUnavailable(
+                    f"the replica did not apply v{version} within {self.config.apply_timeout_s:.0f} s of "
+                    "its publish: check that the broker is up (`freshrec broker status`)"
+                )
+            time.sleep(0.01)
+        self.finetunes.append(
+            {
+                "at_event": self.events,
+                "version": version,
+                "train_s": round(trained - started, 2),
+                "apply_ms": round((time.monotonic() - trained) * 1000, 1),
+            }
+        )
+
+    def _serving(self, version: int) -> bool:
+        """Whether both recommenders serve ``version`` or newer (and the frozen index exists): the
+        replica makes a version current, then its listeners build their indexes."""
+        indexes = (self.served.index, self.explore.index)
+        return self.frozen is not None and all(
+            index is not None and index.version.version >= version for index in indexes
+        )
+
+    # ------------------------------------------------------------------ results
+
+    def frozen_state(self) -> dict[str, Any] | None:
+        """The frozen model's version and the checksum of the parameters it scores with *now*
+        (equal to that version's own checksum when nothing changed it)."""
+        frozen = self.frozen
+        if frozen is None:
+            return None
+        params = {name: frozen.model.state_dict()[name].numpy() for name in frozen.version.params}
+        return {"version": frozen.version.version, "state_checksum": state_checksum(params, frozen.item_of)}
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        return {method: scores.summary() for method, scores in self.scores.items()}
+
+    def paired(self) -> dict[str, dict[str, Any]]:
+        """HR@k differences on the same requests, with their intervals: served against each single
+        source, and what freshness buys the transformer."""
+        pairs = [("served", source) for source in SINGLE_SOURCES]
+        pairs += [("served_explore", "served"), ("transformer", "transformer_frozen")]
+        out: dict[str, dict[str, Any]] = {}
+        for left, right in pairs:
+            a = np.asarray(self.scores[left].gains) > 0
+            b = np.asarray(self.scores[right].gains) > 0
+            diff = a.astype(np.float64) - b.astype(np.float64)
+            out[f"{left} - {right}"] = {
+                "hr@10": float(diff.mean()) if len(diff) else 0.0,
+                "ci95": list(interval(diff)),
+            }
+        return out
+
+    def over_time(self) -> list[dict[str, Any]]:
+        """HR@k per method over consecutive, equally sized slices of the scored events."""
+        n = len(self.timeline)
+        if not n:
+            return []
+        bounds = np.linspace(0, n, min(self.config.buckets, n) + 1).astype(int)
+        out = []
+        for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+            last_event, last_ts, version = self.timeline[hi - 1]
+            point: dict[str, Any] = {
+                "from_event": self.timeline[lo][0],
+                "to_event": last_event,
+                "ts_ms": last_ts,
+                "model_version": version,
+                "scored": hi - lo,
+            }
+            for method, scores in self.scores.items():
+                point[method] = sum(1 for g in scores.gains[lo:hi] if g > 0) / (hi - lo)
+            out.append(point)
+        return out
+
+
+def rank_of(values: FloatArray, target: int) -> int:
+    """0-based rank of ``target``: rows scoring higher, plus equal-scoring rows before it (ties by
+    first appearance, as ``eval prequential`` breaks them)."""
+    score = values[target]
+    return int((values > score).sum() + (values[:target] == score).sum())
+
+
+def _index_rank(
+    index: ServingIndex | None, history: Sequence[str], seen: set[str], item: str, k: int
+) -> int | None:
+    """The item's rank in a transformer index's top ``k`` for this history, or None."""
+    if index is None or item not in index.row_of:
+        return None
+    vector = index.user_vector(history)
+    if vector is None:
+        return None
+    top = [name for name, _ in index.top(vector, k, exclude=seen)]
+    return top.index(item) if item in top else None
+
+
+# ---------------------------------------------------------------------- the run
+
+
+def run(
+    settings: Settings,
+    store: Store | None,
+    dataset: str,
+    *,
+    limit: int | None = None,
+    config: ReplayConfig | None = None,
+    plot: Path | None = None,
+    workdir: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Replay ``dataset`` through its own topics and the real serving stack; see the module docstring.
+
+    Records one ``eval_runs`` row per method (protocol ``replay``) when ``store`` is given, and
+    writes the quality-over-time plot to ``plot`` when given. The run's models live in ``workdir``
+    (kept; by default a folder under ``$FRESHREC_HOME/eval`` deleted at the end) and are not
+    recorded in ``model_updates``: an evaluation is not the deployment's model chain.
+    """
+    config = config or ReplayConfig()
+    run_id = uuid.uuid4().hex[:12]
+    home = workdir if workdir is not None else settings.home / "eval" / f"replay-{run_id}"
+    eval_settings = settings.model_copy(
+        update={
+            "topic_prefix": f"{settings.topic_prefix}replay-{run_id}.",
+            "broker_partitions": 1,  # one partition: the global time order the protocol needs
+            "home": home,
+            "stream": settings.stream.model_copy(update={"group_id": f"replay-{run_id}"}),
+        }
+    )
+    started = time.time()
+    try:
+        evaluator = _replay(eval_settings, dataset, limit, config, run_id, progress)
+    finally:
+        if workdir is None:
+            shutil.rmtree(home, ignore_errors=True)
+    finished = time.time()
+    scored = len(evaluator.timeline)
+    methods = evaluator.summary()
+    result: dict[str, Any] = {
+        "dataset": dataset,
+        "events": evaluator.events,
+        "scored": scored,
+        "scorable": evaluator.scorable,
+        "run_id": run_id,
+        "ci": "95%, normal approximation over per-event outcomes (Wald for HR)",
+        "methods": methods,
+        "paired": evaluator.paired(),
+        "finetunes": evaluator.finetunes,
+        "frozen": evaluator.frozen_state(),
+        "over_time": evaluator.over_time(),
+        "wall_s": round(finished - started, 1),
+    }
+    if store is not None:
+        params = {
+            "limit": limit,
+            "sample": config.sample,
+            "seed": config.seed,
+            "finetune_every": config.finetune_every,
+            "events": evaluator.events,
+            "scorable": evaluator.scorable,
+            "versions": [f["version"] for f in evaluator.finetunes],
+            "train": settings.train.model_dump(mode="json"),
+        }
+        _record(store, run_id, dataset, config.k, scored, methods, params, started, finished)
+    if plot is not None:
+        _plot(result, plot)
+        result["plot"] = str(plot)
+    logger.info(
+        "replay %s: %d events, %d scored, in %.1f s", dataset, evaluator.events, scored, finished - started
+    )
+    return result
+
+
+def _replay(
+    settings: Settings,
+    dataset: str,
+    limit: int | None,
+    config: ReplayConfig,
+    run_id: str,
+    progress: Callable[[int, int], None] | None,
+) -> ReplayEvaluator:
+    """Publish the dataset, then consume it back through the evaluator, fine-tuning as it goes."""
+    published = replay.run(settings, dataset, limit=limit).published
+    snapshots = SnapshotStore.for_settings(settings)
+    publisher = Publisher(settings, snapshots=snapshots, store=None)
+    replica = Replica(snapshots=snapshots)
+    evaluator = ReplayEvaluator(settings, config=config, replica=replica)
+    tuner = FineTuner(settings, publisher=publisher, source=evaluator.freshest)
+
+    def finetune(at_event: int) -> int | None:
+        try:
+            return tuner.cycle().version
+        except NothingToTrain as exc:
+            logger.info("no fine-tune at event %d: %s", at_event, exc)
+            return None
+
+    evaluator.finetune = finetune
+    consumer = Consumer(
+        settings.kafka_config(
+            **{
+                "group.id": f"replay-eval-{run_id}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            }
+        )
+    )
+    try:
+        with ReplicaSubscriber(settings, replica):
+            consumer.subscribe([settings.topics.events])
+            consumed = 0
+            while consumed < published:
+                for message in consumer.consume(1000, 1.0):
+                    if message.error() is not None:
+                        continue
+                    consumed += 1
+                    evaluator.step(message)
+                    if progress is not None and consumed % 1000 == 0:
+                        progress(consumed, published)
+    finally:
+        consumer.close()
+        publisher.close()
+    return evaluator
+
+
+def _record(
+    store: Store,
+    run_id: str,
+    dataset: str,
+    k: int,
+    scored: int,
+    methods: dict[str, dict[str, Any]],
+    params: dict[str, Any],
+    started: float,
+    finished: float,
+) -> None:
+    """One ``eval_runs`` row per method; ``events`` is the number scored (HR's denominator), the
+    interval and the run's parameters are in ``params``."""
+    n = len(methods)
+    store.insert(
+        "eval_runs",
+        [
+            [run_id] * n,
+            [dataset] * n,
+            ["replay"] * n,
+            list(methods),
+            [scored] * n,
+            [k] * n,
+            [m["hr@10"] for m in methods.values()],
+            [m["ndcg@10"] for m in methods.values()],
+            [
+                orjson.dumps(params | {"ci95": m["ci95"], "ndcg_ci95": m["ndcg_ci95"]}).decode()
+                for m in methods.values()
+            ],
+            [int(started * 1000)] * n,
+            [int(finished * 1000)] * n,
+        ],
+        column_names=_EVAL_COLUMNS,
+    )
+
+
+def _plot(result: dict[str, Any], path: Path) -> None:
+    """HR@k of each method over event time, with the fine-tunes marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = result["over_time"]
+    figure, axis = plt.subplots(figsize=(10, 5))
+    x = [p["to_event"] for p in points]
+    for method in METHODS:
+        style = "-" if method.startswith("served") else "--"
+        axis.plot(x, [p[method] for p in points], style, marker=".", label=method)
+    for cycle in result["finetunes"]:
+        axis.axvline(cycle["at_event"], color="grey", alpha=0.3, linewidth=0.8)
+    axis.set_xlabel("event (time order); grey lines: fine-tunes")
+    axis.set_ylabel("HR@10 over the slice")
+    axis.set_title(f"replay {result['dataset']}: {result['scored']:,} of {result['events']:,} events scored")
+    axis.legend(fontsize="small", ncol=2)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    logger.info("plot written to %s", path)
