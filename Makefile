@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: go venv browser run test check lint typecheck bench broker-start broker-stop clean
+.PHONY: tools go venv browser run test check lint typecheck bench broker-start broker-stop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,12 +34,20 @@ go:
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends golang-go \
 	  || { $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends golang-go; }; }
 
+## Debian's kcat and promtool (package prometheus), for the tests that use freshrec as its users' tools do.
+tools:
+	@command -v kcat >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || { \
+	  echo "installing Debian's kcat and prometheus (promtool) for the external-tool tests"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends kcat prometheus \
+	  || { $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends kcat prometheus; }; }
+
 ## Start the local broker, replay ml-100k, sink it into the embedded ClickHouse, print a summary.
 run: venv
 	$(BIN)/freshrec run --dataset ml-100k --until-idle 5
 
 ## Unit and integration tests against the real broker, the embedded ClickHouse (chDB) and chromium.
-test: venv browser go
+test: venv browser go tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: venv
