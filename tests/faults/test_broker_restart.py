@@ -13,6 +13,7 @@ starts, how long it lasts, and the producer's keys; it is in every assertion mes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -67,6 +68,8 @@ def _kill_broker(broker: LocalBroker) -> None:
     """kill -9 of the broker JVM (the pid file is the broker's own; ``stop`` then only tidies)."""
     pid = int(broker.pid_path.read_text())
     os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)  # started by this process: reap it
     broker.stop()
 
 
