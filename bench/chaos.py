@@ -269,10 +269,13 @@ class ReadinessWatch:
         self._stop = threading.Event()
         self.started = self.origin = time.monotonic()  # origin: where the campaign's clock starts
         self.first_ready_s: float | None = None
-        self.outages: list[tuple[float, float, str]] = []  # (start s, length s, first reason seen)
+        # Each not-ready period: when (campaign clock), how long, what the polls saw (status or
+        # /readyz's reason keys, with counts) and the last reasons' sentences.
+        self.outages: list[dict[str, Any]] = []
         self.statuses: Counter[str] = Counter()
         self._down_since: float | None = None
-        self._reason = ""
+        self._seen: Counter[str] = Counter()
+        self._detail: dict[str, str] = {}
         self._thread = threading.Thread(target=self._run, name="chaos-readyz", daemon=True)
 
     def start(self) -> None:
@@ -290,20 +293,28 @@ class ReadinessWatch:
 
     def _close(self, now: float) -> None:
         assert self._down_since is not None
-        self.outages.append((self._down_since - self.origin, now - self._down_since, self._reason))
-        self._down_since = None
+        self.outages.append(
+            {
+                "at_s": round(self._down_since - self.origin, 1),
+                "length_s": round(now - self._down_since, 1),
+                "seen": dict(self._seen),
+                "last_reasons": self._detail,
+            }
+        )
+        self._down_since, self._seen, self._detail = None, Counter(), {}
 
     def _run(self) -> None:
         with httpx.Client(base_url=self._api, timeout=1.0) as client:
             while not self._stop.wait(0.1):
                 now = time.monotonic()
-                reason = ""
+                reason, detail = "", {}
                 try:
                     response = client.get("/readyz")
                     status = str(response.status_code)
                     if status == "503":
-                        with contextlib.suppress(ValueError):
-                            reason = ",".join(sorted(response.json().get("reasons", {})))
+                        with contextlib.suppress(ValueError, AttributeError):
+                            detail = dict(response.json().get("reasons", {}))
+                            reason = "503 " + ",".join(sorted(detail))
                 except httpx.HTTPError as exc:
                     status = type(exc).__name__
                 self.statuses[status] += 1
@@ -312,8 +323,11 @@ class ReadinessWatch:
                         self.first_ready_s = now - self.started
                     elif self._down_since is not None:
                         self._close(now)
-                elif self.first_ready_s is not None and self._down_since is None:
-                    self._down_since, self._reason = now, reason or status
+                elif self.first_ready_s is not None:
+                    if self._down_since is None:
+                        self._down_since = now
+                    self._seen[reason or status] += 1
+                    self._detail = detail or self._detail
 
 
 # ----------------------------------------------------------------------------- the campaign
@@ -557,6 +571,7 @@ class Campaign:
         stored = set(counts)
         on_topic = self._messages_on_topic()
         runs = sql("SELECT status, count() AS n FROM training_runs GROUP BY status", self.env)
+        outages = self.readiness.outages
         return {
             "config": {k: v for k, v in vars(self.args).items() if k not in ("json", "keep", "report")},
             "faults": dict(Counter(f["kind"] for f in self.faults)),
@@ -594,10 +609,10 @@ class Campaign:
             "training_runs": {str(r["status"]): int(r["n"]) for r in runs},
             "readyz": {
                 "first_ready_s": self.readiness.first_ready_s,
-                "longest_not_ready_s": max((o[1] for o in self.readiness.outages), default=0.0),
-                "not_ready_periods": len(self.readiness.outages),
-                "not_ready_total_s": sum(o[1] for o in self.readiness.outages),
-                "longest": sorted(self.readiness.outages, key=lambda o: -o[1])[:3],
+                "longest_not_ready_s": max((o["length_s"] for o in outages), default=0.0),
+                "not_ready_periods": len(outages),
+                "not_ready_total_s": round(sum(o["length_s"] for o in outages), 1),
+                "periods": outages,
                 "statuses": dict(self.readiness.statuses),
             },
             "healthz_at_end": self.healthz,
@@ -683,6 +698,7 @@ class Campaign:
 
 def print_table(report: dict[str, Any]) -> None:
     events, chain, ready = report["events"], report["model_chain"], report["readyz"]
+    longest = max(ready["periods"], key=lambda o: o["length_s"], default=None)
     rows = [
         ("faults injected", ", ".join(f"{k} {v}" for k, v in sorted(report["faults"].items()))),
         ("processes that exited by themselves",
@@ -701,9 +717,10 @@ def print_table(report: dict[str, Any]) -> None:
         ("versions with several payloads", chain["versions_with_several_payloads"] or "none"),
         ("chain intact", chain["intact"]),
         ("training runs by status", report["training_runs"]),
-        ("first ready after (s)", ready["first_ready_s"]),
+        ("first ready after (s)", f"{ready['first_ready_s'] or 0:.1f}"),
         ("longest /readyz not 200 (s)", f"{ready['longest_not_ready_s']:.1f}"),
         ("not-ready periods / total (s)", f"{ready['not_ready_periods']} / {ready['not_ready_total_s']:.1f}"),
+        ("longest period: from (s), polls seen", longest and f"{longest['at_s']}: {longest['seen']}"),
     ]  # fmt: skip
     width = max(len(name) for name, _ in rows)
     print(f"chaos campaign, seed {report['config']['seed']}: "
