@@ -541,7 +541,7 @@ def create_app(
         try:
             # The producer gives up on a record at publish_timeout_s (message.timeout.ms): every
             # report is in shortly after. The margin covers its timeout scan.
-            await asyncio.wait_for(asyncio.shield(acknowledged), timeout=serve.publish_timeout_s + 2.0)
+            await asyncio.wait_for(acknowledged, timeout=serve.publish_timeout_s + 2.0)
         except TimeoutError:
             failures.extend([f"not acknowledged by Kafka within {serve.publish_timeout_s:g} s"] * pending)
         if failures:
