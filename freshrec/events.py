@@ -1,4 +1,4 @@
-"""The event contract (DESIGN.md §2): raw Kafka bytes in, a typed :class:`Event` or a precise rejection out.
+"""The event contract: raw Kafka bytes in, a typed :class:`Event` or a precise rejection out.
 
 This runs once per message on the ingest hot path, so it is written for speed: orjson decodes, then
 plain type and length checks run on the resulting dict, and error messages are only built on failure;

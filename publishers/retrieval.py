@@ -1,8 +1,8 @@
 """A model version made servable: user states from the transformer, and an exact, confident index.
 
 **Retrieval is exact**: every indexed item is scored against the user's state in one scan of the
-item table (DESIGN.md §3: brute force at this scale beats approximate indexes on recall and sits
-near the memory-bandwidth floor; measured in ``bench/serving_latency.py``). The scan is
+item table (brute force at this scale beats approximate indexes on recall and sits near the
+memory-bandwidth floor; measured in ``bench/serving_latency.py``). The scan is
 :class:`publishers.scan.ExactScan`: int8 products with a per-row error bound, and an fp32 re-score
 of a shortlist that is certified to hold the exact top-n.
 

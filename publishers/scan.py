@@ -30,17 +30,7 @@ Its answer is exact up to fp32 rounding, as a plain fp32 scan's is (see :class:`
    ``m`` can only lie in the ``m`` blocks of 64 with the highest maxima, so ``topk`` runs over
    the block maxima and then over those blocks: 0.14 ms. The fp32 scan uses it too (10.0 ms).
 
-Measured and not kept:
-
-- one scale for the whole table: it saves the per-row bound's 0.5 ms, but a row's error then
-  grows with the largest row, and the certificate failed for 28 of 71 Gaussian queries at 1M and
-  for every query on log-normal norms;
-- rows grouped into 4 or 8 scale buckets: no faster, and more failures;
-- a bfloat16 scan (``_weight_int8pack_mm`` with bf16 input took 5.2 ms for the products alone,
-  a bf16 ``mv`` 9.6 ms).
-- products, bounds and block maxima computed chunk by chunk (262,144 rows), so that the 8 MB of
-  intermediates stay in cache: median 4.11 against 4.35 ms at 1M over 6 alternating rounds, not
-  worth a second code path.
+What was measured and not kept is in ``docs/benchmarks.md`` (serving latency, the int8 scan).
 
 ``torch._int_mm`` is a private operator (it backs torch's own int8 quantisation): if this build of
 torch lacks it, or with ``quantized=False`` (``FRESHREC_SERVE__QUANTIZED_SCAN``), below

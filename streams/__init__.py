@@ -1,5 +1,11 @@
-"""Event consumers and producers: validation, the audit sink, replays; real-time counters come next.
+"""The stream side: everything that consumes ``events`` or produces to it.
 
-Modules: ``admin`` (topics), ``producer`` (idempotent producer), ``replay`` (datasets → ``events``),
-``sink`` (``events`` → ClickHouse ``events`` / ``dead_letters``, exactly once).
+- Kafka plumbing: ``admin`` (topics), ``producer`` (idempotent producer), ``replay`` (datasets →
+  ``events``), ``lag`` (consumer lag of freshrec's groups).
+- The audit log: ``sink`` (``events`` → ClickHouse ``events`` / ``dead_letters``, exactly once),
+  ``impressions`` (the decision log: ``impressions`` → ClickHouse), ``dedup`` (recent event ids).
+- Real-time state: ``counters`` (total, decayed and windowed counts), ``histories`` (per-user recent
+  items), ``cooccurrence``, ``clicks`` (CTR posteriors), ``ids`` (item id → row), kept by ``worker``
+  (the consume loop and its checkpoints) and read by serving through ``reader``.
+- Evaluation of the stream's recommenders: ``prequential`` (test-then-train).
 """

@@ -5,8 +5,8 @@ sequences or heads), which the worker holds while it applies a batch, so a reade
 only, never half of one. Reads are short (an ``argpartition`` over one row of counts at most), so they
 do not hold up ingestion.
 
->>> # reader = StateReader(worker)
->>> # reader.popular(10, kind="decayed"), reader.history("user-1")
+Used by serving as ``reader = StateReader(worker)``, then ``reader.popular(10, kind="decayed")``,
+``reader.history("user-1")``, ``reader.related(recent, 50, exclude=seen)``.
 """
 
 from __future__ import annotations
