@@ -188,6 +188,10 @@ class ReplayEvaluator:
         self.scorable = 0  # scored events whose item was known and not yet seen by the user
         self.timeline: list[tuple[int, int, int]] = []  # per scored event: (event number, ts, version)
         self.finetunes: list[dict[str, Any]] = []
+        # Per served method: slots of the returned lists holding an item the user already
+        # interacted with (serving excludes only the history the stream keeps, history_len long).
+        self.seen_slots = {"served": 0, "served_explore": 0}
+        self.slots = {"served": 0, "served_explore": 0}
         self.window: deque[tuple[str, str, int]] = deque(maxlen=settings.train.window_events)
         self._rng = random.Random(config.seed)
         self._seen: dict[str, set[str]] = {}
@@ -239,6 +243,8 @@ class ReplayEvaluator:
         for method, recommender in (("served", self.served), ("served_explore", self.explore)):
             recommender._popular_cache = None  # event time, not wall time: see the module docstring
             items = [item.item_id for item in recommender.recommend(event.user_id, self.k).items]
+            self.slots[method] += len(items)
+            self.seen_slots[method] += sum(1 for item in items if item in seen)
             self.scores[method].add(items.index(event.item_id) if event.item_id in items else None, self.k)
 
     def learn(self, message: Message, event: Event) -> None:
@@ -493,6 +499,10 @@ def run(
         "paired": evaluator.paired(),
         "finetunes": evaluator.finetunes,
         "frozen": evaluator.frozen_state(),
+        "served_seen_share": {
+            m: evaluator.seen_slots[m] / evaluator.slots[m] if evaluator.slots[m] else 0.0
+            for m in evaluator.slots
+        },
         "over_time": evaluator.over_time(),
         "wall_s": round(finished - started, 1),
     }
