@@ -194,6 +194,37 @@ class TrainSettings(BaseModel):
         1024, ge=0, description="Shared negatives of the sampled softmax (0: full softmax)."
     )
     lr: float = Field(1e-3, gt=0, description="Learning rate.")
+    block: str = Field(
+        "sasrec",
+        pattern=r"^(sasrec|hstu)$",
+        description="Transformer block: sasrec (softmax attention + feed-forward) or hstu (pointwise "
+        "SiLU attention with a relative position bias, gated).",
+    )
+    loss: str = Field(
+        "auto",
+        pattern=r"^(auto|full|sampled)$",
+        description="full softmax over the catalogue, sampled softmax (log-Q corrected), or auto: full "
+        "up to full_softmax_max_items items, sampled above.",
+    )
+    full_softmax_max_items: int = Field(
+        50_000,
+        ge=0,
+        description="Largest catalogue trained with the full softmax under loss=auto (the full softmax "
+        "costs items x positions per step).",
+    )
+    dropout: float = Field(0.2, ge=0, lt=1, description="Dropout on embeddings, attention and blocks.")
+    sample_alpha: float = Field(
+        0.0, ge=0, le=1, description="Sampled negatives drawn in proportion to count^alpha (0: uniform)."
+    )
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto: CUDA when torch finds it, else CPU."
+    )
+    delta_min_change: float = Field(
+        0.0,
+        ge=0,
+        description="A sparse delta ships a touched row once it has drifted more than this (largest "
+        "coordinate change) from its published value (0: every touched row).",
+    )
 
 
 class ServeSettings(BaseModel):

@@ -114,7 +114,15 @@ def run(
     for epoch in range(1, train.max_epochs + 1):
         fitted = trainer.fit(train_rows, epochs=1, optimisers=optimisers)
         valid = trainer.evaluate(valid_hist, valid_target)
-        history.append({"epoch": epoch, "loss": fitted.loss, "hr@10": valid.hr, "ndcg@10": valid.ndcg})
+        history.append(
+            {
+                "epoch": epoch,
+                "loss": fitted.loss,
+                "hr@10": valid.hr,
+                "ndcg@10": valid.ndcg,
+                "seconds": fitted.seconds,
+            }
+        )
         logger.info(
             "epoch %d loss %.4f valid HR@10 %.4f NDCG@10 %.4f", epoch, fitted.loss, valid.hr, valid.ndcg
         )

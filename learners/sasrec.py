@@ -4,15 +4,22 @@ Readable in one sitting, nanoGPT style: a config dataclass, pre-norm transformer
 comments. ``B`` batch, ``T`` sequence length (``max_len``, histories left-padded with row 0), ``D``
 embedding size, ``N`` rows of the item table.
 
-Two choices that the streaming setting makes for us:
+Choices the streaming setting makes for us:
 
 - **The item table is sparse** (``nn.Embedding(sparse=True)``, trained with ``SparseAdam``): a step
   changes only the rows it looked up, which is what lets :mod:`publishers` ship *sparse* deltas of the
   touched rows. Dense optimisers with momentum move every row that ever had a gradient.
-- **Sampled softmax with shared negatives** rather than the full softmax: the full softmax's gradient
-  touches every row every step (no sparse delta is then smaller than the model) and costs ~3x on this
-  CPU (DESIGN.md §4: 19 s vs 56 s per ML-1M epoch). Each batch shares ``negatives`` uniform samples;
-  uniform sampling needs no log-Q correction. Evaluation always ranks the full catalogue.
+- **The loss follows the catalogue's size** (``loss="auto"``): the full softmax (cross-entropy over
+  every item) where the catalogue has at most ``full_softmax_max_items`` items, since it learns
+  clearly better than a sampled loss (ml-100k HR@10 0.14 → 0.19+, docs/benchmarks.md); a sampled
+  softmax over ``negatives`` shared negatives, with the log-Q correction, where the full one would
+  cost too much per step. The full softmax's gradient moves every row each step: the trainer then
+  publishes only the rows that drifted (:class:`learners.training.SequenceTrainer`).
+- **Two blocks**: SASRec's (softmax attention and a feed-forward) and HSTU's (Zhai et al., 2024:
+  pointwise SiLU attention with a relative position bias, gated by a fourth projection ``u``, no
+  feed-forward), chosen by ``block``.
+
+Evaluation always ranks the full catalogue.
 
 The output layer is tied to the input item table (as in SASRec): a user's state is the hidden vector
 at the last position, and an item's score is its dot product with that item's row.
@@ -34,10 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SPARSE_TABLES", "Block", "SASRec", "SASRecConfig"]
+__all__ = ["BLOCKS", "LOSSES", "SPARSE_TABLES", "Block", "HSTUBlock", "SASRec", "SASRecConfig"]
 
 # Parameters published as sparse deltas (rows); every other parameter is dense.
 SPARSE_TABLES: tuple[str, ...] = ("item_emb.weight",)
+BLOCKS: tuple[str, ...] = ("sasrec", "hstu")
+LOSSES: tuple[str, ...] = ("auto", "full", "sampled")
 
 
 @dataclass(frozen=True)
@@ -47,9 +56,25 @@ class SASRecConfig:
     heads: int = 1  # attention heads (dim must divide by it)
     blocks: int = 2  # transformer blocks
     dropout: float = 0.2  # on embeddings, attention and feed-forward
-    negatives: int = 1024  # shared uniform negatives per batch in the sampled softmax; 0: full softmax
+    negatives: int = 1024  # shared negatives per batch in the sampled softmax; 0: always the full softmax
     cosine: bool = False  # score by cosine similarity (L2-normalised vectors), as the HSTU repo does
     temperature: float = 1.0  # logits are divided by it (with cosine, ~0.05 is typical)
+    block: str = "sasrec"  # "sasrec" (softmax attention + feed-forward) or "hstu" (pointwise SiLU attention)
+    loss: str = "auto"  # "full" softmax, "sampled" softmax, or "auto": full up to full_softmax_max_items
+    full_softmax_max_items: int = 50_000  # "auto" takes the full softmax up to this many items
+    sample_alpha: float = 0.0  # negatives drawn ∝ count^alpha (0: uniform), log-Q corrected
+
+    def __post_init__(self) -> None:
+        if self.block not in BLOCKS:
+            raise ValueError(f"block={self.block!r}: use one of {', '.join(BLOCKS)}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r}: use one of {', '.join(LOSSES)}")
+
+    def full_softmax(self, items: int) -> bool:
+        """Whether training over a catalogue of ``items`` items uses the full softmax."""
+        if self.negatives <= 0 or self.loss == "full":
+            return True
+        return self.loss == "auto" and items <= self.full_softmax_max_items
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,6 +119,47 @@ class Block(nn.Module):
         return out
 
 
+class HSTUBlock(nn.Module):
+    """HSTU's block: pointwise aggregated attention, gated, with a relative position bias.
+
+    ``u, v, q, k = SiLU(W · norm(x))``; the attention weights are ``SiLU(q·k + bias[i - j]) / max_len``
+    over the visible positions (no softmax: weights do not compete, so how *much* history agrees is
+    kept, which suits preference intensity); the output ``x + W_o(norm(attention · v) * u)``. No
+    feed-forward: the gate ``u`` is the block's non-linearity. Dividing by the constant ``max_len``
+    (not by the window's length) keeps a short unpadded history's state equal to its padded one.
+    The reference also buckets time gaps into the bias; training windows here carry no timestamps,
+    so only the relative position is used.
+    """
+
+    def __init__(self, config: SASRecConfig) -> None:
+        super().__init__()
+        if config.dim % config.heads:
+            raise ValueError(f"dim={config.dim} is not divisible by heads={config.heads}")
+        self.heads = config.heads
+        self.max_len = config.max_len
+        self.norm_in = nn.LayerNorm(config.dim)
+        self.uvqk = nn.Linear(config.dim, 4 * config.dim)
+        self.norm_attn = nn.LayerNorm(config.dim)
+        self.out = nn.Linear(config.dim, config.dim)
+        self.rel_bias = nn.Parameter(torch.zeros(config.max_len))  # by distance i - j ≥ 0
+        self.dropout = nn.Dropout(config.dropout)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        nn.init.normal_(self.rel_bias, std=0.02)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        H = self.heads
+        u, v, q, k = F.silu(self.uvqk(self.norm_in(x))).split(D, dim=2)  # 4 x (B, T, D)
+        v, q, k = (t.view(B, T, H, D // H).transpose(1, 2) for t in (v, q, k))  # (B, H, T, D/H)
+        at = torch.arange(T, device=x.device)
+        distance = (at.view(-1, 1) - at.view(1, -1)).clamp(min=0)  # (T, T)
+        weights = F.silu(q @ k.transpose(-2, -1) + self.rel_bias[distance]) / self.max_len  # (B, H, T, T)
+        weights = self.attn_dropout(weights * mask)  # mask (B, 1, T, T): invisible positions weigh 0
+        y = (weights @ v).transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        out: torch.Tensor = x + self.dropout(self.out(self.norm_attn(y) * u))
+        return out
+
+
 class SASRec(nn.Module):
     """Item table (row 0 = padding), learned positions, ``blocks`` causal blocks, a final norm."""
 
@@ -102,7 +168,8 @@ class SASRec(nn.Module):
         self.config = config
         self.item_emb = nn.Embedding(rows, config.dim, padding_idx=0, sparse=True)
         self.pos_emb = nn.Embedding(config.max_len, config.dim)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.blocks))
+        kind = HSTUBlock if config.block == "hstu" else Block
+        self.blocks = nn.ModuleList(kind(config) for _ in range(config.blocks))
         self.norm = nn.LayerNorm(config.dim)
         self.dropout = nn.Dropout(config.dropout)
         with torch.no_grad():
@@ -120,14 +187,15 @@ class SASRec(nn.Module):
                 fresh = torch.randn(len(rows), self.config.dim, generator=generator) / math.sqrt(
                     self.config.dim
                 )
-                self.item_emb.weight[rows] = fresh
+                weight = self.item_emb.weight
+                weight[rows.to(weight.device)] = fresh.to(weight.device)
 
     def grow(self, rows: int) -> None:
         """Enlarge the item table to ``rows`` (new rows zero), keeping every existing row."""
         old = self.item_emb
         if rows <= old.num_embeddings:
             return
-        table = nn.Embedding(rows, self.config.dim, padding_idx=0, sparse=True)
+        table = nn.Embedding(rows, self.config.dim, padding_idx=0, sparse=True, device=old.weight.device)
         with torch.no_grad():
             table.weight.zero_()
             table.weight[: old.num_embeddings] = old.weight
@@ -148,6 +216,8 @@ class SASRec(nn.Module):
         # A position sees earlier real items and always itself (so padded rows never see nothing).
         mask = (causal & (seq > 0).unsqueeze(1)) | torch.eye(T, dtype=torch.bool, device=seq.device)
         mask = mask.unsqueeze(1)  # (B, 1, T, T)
+        if self.config.block == "hstu":  # pointwise attention: padding must weigh nothing, even to itself
+            mask = mask & (seq > 0).view(-1, 1, 1, T)
         for block in self.blocks:
             x = block(x, mask)
         out: torch.Tensor = self.norm(x)
@@ -166,11 +236,14 @@ class SASRec(nn.Module):
         The arithmetic of ``user_vectors(rows.view(1, -1))[0]`` in eval mode (a test holds them
         equal), without what one request does not need: module calls (per-op dispatch was most of
         the 0.4 ms a state took), padding masks, and all but the last position in the last block.
+        The HSTU block takes the batched path on the unpadded history (no padding to mask).
         """
         c = self.config
         T, D = rows.shape[0], c.dim
         if self.training or not 0 < T <= c.max_len:
             raise ValueError(f"state() serves an eval-mode model 1..{c.max_len} items; got {T}")
+        if c.block == "hstu":
+            return self.user_vectors(rows.view(1, -1))[0]
         x = F.embedding(rows, self.item_emb.weight) * math.sqrt(D) + self.pos_emb.weight[c.max_len - T :]
         causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
         last = len(self.blocks) - 1
@@ -200,23 +273,43 @@ class SASRec(nn.Module):
         """Scores of every row of the item table, (B, T) → (B, N)."""
         return self.user_vectors(seq) @ self.item_vectors().T / self.config.temperature
 
-    def loss(self, seq: torch.Tensor, target: torch.Tensor, negatives: torch.Tensor | None) -> torch.Tensor:
-        """Sampled softmax over [target, shared negatives] at every real position.
+    def loss(
+        self,
+        seq: torch.Tensor,
+        target: torch.Tensor,
+        negatives: torch.Tensor | None,
+        log_q: torch.Tensor | None = None,
+        *,
+        used: int | None = None,
+    ) -> torch.Tensor:
+        """Cross-entropy of the next item at every real position: full, or a sampled softmax.
 
-        ``seq`` (B, T) inputs, ``target`` (B, T) the next item at each position (0 = no target),
-        ``negatives`` (S,) rows shared by the batch (a negative equal to the target is masked out),
-        or ``None`` for the full softmax over every row.
+        ``seq`` (B, T) inputs, ``target`` (B, T) the next item at each position (0 = no target).
+        ``negatives=None``: the full softmax over rows 1..``used`` (default: every row but padding;
+        spare rows that hold no item yet stay out of it and are not moved). Otherwise
+        ``negatives`` (S,) rows shared by the batch, drawn with probabilities ``exp(log_q)`` (S,)
+        (``None``: uniform over the table). Each negative's logit is corrected by ``- log(S q)``
+        (the log-Q correction): ``Σ_j exp(logit_j) / (S q_j)`` estimates the sum over the whole
+        catalogue without bias, so the sampled loss aims at the full one, and frequently drawn
+        (popular) items are not over-penalised. A negative equal to the target is masked out.
         """
         h = self._out(self.hidden(seq))  # (B, T, D)
         real = target > 0  # (B, T)
-        if negatives is None:  # full softmax over every row (padding excluded)
-            every = torch.arange(self.rows, device=seq.device)  # a lookup keeps the gradient sparse
-            logits = h[real] @ self.item_vectors(every).T / self.config.temperature  # (R, N)
+        if negatives is None:  # full softmax over the used rows (padding excluded)
+            end = self.rows if used is None else used + 1
+            every = torch.arange(end, device=seq.device)  # a lookup keeps the gradient sparse
+            logits = h[real] @ self.item_vectors(every).T  # (R, N)
+            if self.config.temperature != 1.0:
+                logits = logits / self.config.temperature
             logits[:, 0] = float("-inf")
             return F.cross_entropy(logits, target[real])
-        pos = (h * self.item_vectors(target)).sum(-1, keepdim=True)  # (B, T, 1)
-        neg = h @ self.item_vectors(negatives).T  # (B, T, S)
-        neg = neg.masked_fill(negatives.view(1, 1, -1) == target.unsqueeze(-1), float("-inf"))
-        logits = torch.cat([pos, neg], dim=-1) / self.config.temperature  # (B, T, 1+S)
-        losses = torch.logsumexp(logits, dim=-1) - logits[..., 0]  # (B, T)
-        return losses[real].mean()
+        S = negatives.shape[0]
+        if log_q is None:
+            log_q = torch.full((S,), -math.log(max(self.rows - 1, 1)), device=seq.device)
+        h = h[real]  # (R, D): only real positions cost anything
+        target = target[real]  # (R,)
+        pos = (h * self.item_vectors(target)).sum(-1, keepdim=True) / self.config.temperature  # (R, 1)
+        neg = h @ self.item_vectors(negatives).T / self.config.temperature - (log_q + math.log(S))  # (R, S)
+        neg = neg.masked_fill(negatives.view(1, -1) == target.view(-1, 1), float("-inf"))
+        logits = torch.cat([pos, neg], dim=-1)  # (R, 1+S)
+        return (torch.logsumexp(logits, dim=-1) - logits[:, 0]).mean()

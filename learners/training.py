@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,11 +23,20 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from freshrec.settings import TrainSettings
 from learners.item_rows import ItemRows
 from learners.sasrec import SPARSE_TABLES, SASRec, SASRecConfig
 from learners.sequences import Sequences, last_window, windows
 
-__all__ = ["EpochResult", "Metrics", "SequenceTrainer", "TrainConfig", "rank_metrics"]
+__all__ = [
+    "EpochResult",
+    "Metrics",
+    "SequenceTrainer",
+    "TrainConfig",
+    "configs_from_settings",
+    "rank_metrics",
+    "resolve_device",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +52,10 @@ class TrainConfig:
     seed: int = 0  # initialisation, shuffling and negative sampling
     capacity: int = 1_000_000  # most items the table holds before stale rows are evicted
     threads: int = 0  # torch intra-op threads (0: torch's default)
+    device: str = "cpu"  # "cpu", "cuda", or "auto": CUDA when torch finds it, else the CPU
+    # Sparse deltas publish a touched row only once it has drifted more than this (largest absolute
+    # change of a coordinate) from what was last published; 0: every touched row.
+    delta_min_change: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,6 +75,38 @@ class EpochResult:
     windows: int
     seconds: float
     stopped_by_budget: bool
+
+
+def configs_from_settings(
+    settings: TrainSettings, *, max_epochs: int | None = None
+) -> tuple[SASRecConfig, TrainConfig]:
+    """The model and training configuration that ``FRESHREC_TRAIN__*`` settings describe."""
+    model = SASRecConfig(
+        max_len=settings.max_len,
+        dim=settings.dim,
+        blocks=settings.blocks,
+        dropout=settings.dropout,
+        negatives=settings.negatives,
+        block=settings.block,
+        loss=settings.loss,
+        full_softmax_max_items=settings.full_softmax_max_items,
+        sample_alpha=settings.sample_alpha,
+    )
+    train = TrainConfig(
+        lr=settings.lr,
+        capacity=settings.capacity,
+        device=settings.device,
+        delta_min_change=settings.delta_min_change,
+        **({} if max_epochs is None else {"max_epochs": max_epochs}),
+    )
+    return model, train
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when torch finds a GPU, else the CPU; anything else as torch spells it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def rank_metrics(ranks: npt.NDArray[np.int64], *, k: int = 10) -> tuple[float, float]:
@@ -84,9 +129,12 @@ class SequenceTrainer:
         self.rng = np.random.default_rng(self.train_config.seed)
         self.items = ItemRows(capacity=self.train_config.capacity)
         torch.manual_seed(self.train_config.seed)
-        self.model = SASRec(config, rows=self.items.allocated)
+        self.device = resolve_device(self.train_config.device)
+        self.model = SASRec(config, rows=self.items.allocated).to(self.device)
         self.step = 0
         self._touched = np.zeros(self.items.allocated, dtype=bool)
+        self._reassigned = np.zeros(self.items.allocated, dtype=bool)  # rows whose item changed
+        self._published = self._table()  # the table as last published (what replicas hold)
 
     # -- the item map -----------------------------------------------------------------------------
 
@@ -97,23 +145,55 @@ class SequenceTrainer:
         assignment = self.items.assign(unique, step=self.step)
         if self.items.allocated > self.model.rows:
             self.model.grow(self.items.allocated)
-            self._touched = np.concatenate(
-                [self._touched, np.zeros(self.items.allocated - len(self._touched), dtype=bool)]
+            extra = self.items.allocated - len(self._touched)
+            self._touched = np.concatenate([self._touched, np.zeros(extra, dtype=bool)])
+            self._reassigned = np.concatenate([self._reassigned, np.zeros(extra, dtype=bool)])
+            self._published = np.concatenate(
+                [self._published, np.zeros((extra, self.config.dim), dtype=np.float32)]
             )
         if len(assignment.new_rows):
             self.model.init_rows(torch.from_numpy(assignment.new_rows), self.generator)
             self._touched[assignment.new_rows] = True
+            self._reassigned[assignment.new_rows] = True
         if assignment.evicted:
             logger.info("evicted %d stale items to make room", len(assignment.evicted))
         row_of = dict(zip(unique, assignment.rows.tolist(), strict=True))
         return [[row_of[item] for item in items] for items in sequences.values()]
 
-    def touched_rows(self) -> npt.NDArray[np.int64]:
-        """Rows of the item table changed since :meth:`clear_touched` (sorted)."""
-        return np.flatnonzero(self._touched).astype(np.int64)
+    def _table(self) -> npt.NDArray[np.float32]:
+        return self.model.item_emb.weight.detach().cpu().numpy().copy()
 
-    def clear_touched(self) -> None:
-        self._touched[:] = False
+    def touched_rows(self) -> npt.NDArray[np.int64]:
+        """Rows of the item table to publish (sorted): the rows that changed since last published.
+
+        With ``delta_min_change`` 0, every row a step touched. Above 0, only touched rows whose
+        largest coordinate change since the last publish exceeds it, and every row that changed
+        hands: a full softmax moves every row a little each step, and shipping them all would make
+        each delta as large as the model. A row left out keeps its drift pending (it is compared
+        with the published value, not the previous cycle's), so a replica's rows never differ from
+        the trainer's by more than ``delta_min_change`` in any coordinate.
+        """
+        threshold = self.train_config.delta_min_change
+        candidates = np.flatnonzero(self._touched).astype(np.int64)
+        if threshold <= 0 or not len(candidates):
+            return candidates
+        table = self.model.item_emb.weight.detach()
+        rows = torch.from_numpy(candidates).to(table.device)
+        change = np.abs(table[rows].cpu().numpy() - self._published[candidates]).max(axis=1)
+        keep = (change > threshold) | self._reassigned[candidates]
+        kept: npt.NDArray[np.int64] = candidates[keep]
+        return kept
+
+    def clear_touched(self, rows: npt.NDArray[np.int64] | None = None) -> None:
+        """Mark ``rows`` (default: every row) as published; other touched rows stay pending."""
+        if rows is None:
+            self._touched[:] = False
+            self._reassigned[:] = False
+            self._published = self._table()
+            return
+        self._touched[rows] = False
+        self._reassigned[rows] = False
+        self._published[rows] = self._table()[rows]
 
     # -- training ---------------------------------------------------------------------------------
 
@@ -136,6 +216,9 @@ class SequenceTrainer:
         inputs, targets = windows(row_sequences, max_len=self.config.max_len)
         sparse_opt, dense_opt = optimisers or self._optimisers()
         usable = max(1, self.items.used)  # negatives among rows that hold items, never spare rows
+        full = self.config.full_softmax(usable)
+        sampler = None if full else self._sampler(targets, usable)
+        device = self.device
         self.model.train()
         total, steps, stopped = 0.0, 0, False
         batch = self.train_config.batch_size
@@ -146,16 +229,15 @@ class SequenceTrainer:
                     stopped = True
                     break
                 index = order[start : start + batch]
-                seq = torch.from_numpy(inputs[index])  # (B, T)
-                target = torch.from_numpy(targets[index])  # (B, T)
-                negatives = (
-                    torch.from_numpy(
-                        self.rng.integers(1, usable + 1, size=self.config.negatives, dtype=np.int64)
-                    )
-                    if self.config.negatives > 0
-                    else None
-                )  # (S,), or None: the full softmax, which moves every row
-                loss = self.model.loss(seq, target, negatives)
+                seq = torch.from_numpy(inputs[index]).to(device)  # (B, T)
+                target = torch.from_numpy(targets[index]).to(device)  # (B, T)
+                negatives, log_q = None, None  # the full softmax, which moves every used row
+                drawn = np.zeros(0, dtype=np.int64)
+                if sampler is not None:
+                    drawn, drawn_log_q = sampler()
+                    negatives = torch.from_numpy(drawn).to(device)  # (S,)
+                    log_q = torch.from_numpy(drawn_log_q).to(device)  # (S,)
+                loss = self.model.loss(seq, target, negatives, log_q, used=usable)
                 sparse_opt.zero_grad(set_to_none=True)
                 dense_opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -165,10 +247,10 @@ class SequenceTrainer:
                 steps += 1
                 total += loss.item()
                 if negatives is None:
-                    touched = np.arange(self.model.rows, dtype=np.int64)
+                    touched = np.arange(1, usable + 1, dtype=np.int64)
                 else:
                     touched = np.unique(
-                        np.concatenate([inputs[index].ravel(), targets[index].ravel(), negatives.numpy()])
+                        np.concatenate([inputs[index].ravel(), targets[index].ravel(), drawn])
                     )
                 self._touched[touched] = True
                 self.items.touch(touched, step=self.step)
@@ -182,6 +264,32 @@ class SequenceTrainer:
             seconds=time.monotonic() - started,
             stopped_by_budget=stopped,
         )
+
+    def _sampler(
+        self, targets: npt.NDArray[np.int64], usable: int
+    ) -> Callable[[], tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
+        """Draws of ``negatives`` rows among 1..usable and their log-probabilities.
+
+        Probabilities ∝ (count among this fit's targets + 1)^``sample_alpha``: 0 is uniform; towards
+        1, popular items are drawn more often (harder negatives), which the log-Q correction in
+        :meth:`SASRec.loss` accounts for. One cumulative table per fit, a binary search per draw.
+        """
+        size = self.config.negatives
+        alpha = self.config.sample_alpha
+        if alpha == 0:
+            log_q = np.full(size, -np.log(usable), dtype=np.float32)
+            return lambda: (self.rng.integers(1, usable + 1, size=size, dtype=np.int64), log_q)
+        counts = np.bincount(targets.ravel(), minlength=usable + 1)[1 : usable + 1].astype(np.float64)
+        weights = (counts + 1.0) ** alpha
+        q = weights / weights.sum()
+        cdf = np.cumsum(q)
+        cdf[-1] = 1.0
+
+        def draw() -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+            index = np.searchsorted(cdf, self.rng.random(size), side="right").clip(max=usable - 1)
+            return index.astype(np.int64) + 1, np.log(q[index]).astype(np.float32)
+
+        return draw
 
     # -- evaluation -------------------------------------------------------------------------------
 
@@ -197,7 +305,7 @@ class SequenceTrainer:
         for start in range(0, len(targets), batch_size):
             hist = histories[start : start + batch_size]
             seq = torch.from_numpy(np.stack([last_window(h, max_len=self.config.max_len) for h in hist]))
-            scores = self.model.score_all(seq)  # (B, N)
+            scores = self.model.score_all(seq.to(self.device)).cpu()  # (B, N)
             scores[:, invalid] = float("-inf")
             target = torch.as_tensor(targets[start : start + batch_size], dtype=torch.int64)  # (B,)
             target_scores = scores.gather(1, target.view(-1, 1))  # (B, 1)
@@ -222,6 +330,8 @@ class SequenceTrainer:
         self.items = ItemRows.from_ids(item_ids, capacity=self.train_config.capacity)
         rows = len(item_ids)
         if rows != self.model.rows:
-            self.model = SASRec(self.config, rows=rows)
+            self.model = SASRec(self.config, rows=rows).to(self.device)
         self.model.load_state_dict({name: torch.from_numpy(np.array(v)) for name, v in params.items()})
         self._touched = np.zeros(rows, dtype=bool)
+        self._reassigned = np.zeros(rows, dtype=bool)
+        self._published = self._table()
