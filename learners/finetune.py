@@ -10,7 +10,10 @@ A cycle (:meth:`FineTuner.cycle`):
 3. **Train** ``epochs`` passes, stopping at ``budget_s`` of wall time. New items get rows (the table
    grows, then evicts its stalest rows).
 4. **Publish**: the first cycle ever publishes a snapshot; later ones a sparse delta of the touched
-   rows, plus the dense parameters every ``dense_every``-th cycle.
+   rows, plus the dense parameters every ``dense_every``-th cycle. With ``delta_min_change`` above
+   0, only rows that drifted more than it from their published value (and rows that changed hands)
+   ship; the others stay pending until they do. That keeps a full-softmax cycle's delta, which
+   touches every row, from growing to the whole table.
 5. **Record** the run in ``training_runs`` (failed runs too, with their error).
 """
 
@@ -29,7 +32,7 @@ from freshrec.store import Store
 from learners.offline import record_run
 from learners.sasrec import SASRecConfig
 from learners.sequences import Sequences, sequences_from_store
-from learners.training import SequenceTrainer, TrainConfig
+from learners.training import SequenceTrainer, configs_from_settings
 from publishers.publisher import Published, Publisher
 
 __all__ = ["CycleResult", "FineTuner", "WindowSource", "store_window"]
@@ -74,11 +77,7 @@ class FineTuner:
         store: Store | None = None,
     ) -> None:
         self._settings = settings
-        train = settings.train
-        self.config = SASRecConfig(
-            max_len=train.max_len, dim=train.dim, blocks=train.blocks, negatives=train.negatives
-        )
-        self.train_config = TrainConfig(lr=train.lr, capacity=train.capacity)
+        self.config, self.train_config = configs_from_settings(settings.train)
         self.publisher = publisher
         self.source = source
         self.store = store
@@ -165,13 +164,14 @@ class FineTuner:
             published.append(
                 self.publisher.publish_snapshot(params, ids, config=trainer.config.to_dict(), run_id=run_id)
             )
+            trainer.clear_touched()
         else:
-            published.append(
-                self.publisher.publish_sparse(params, ids, trainer.touched_rows(), run_id=run_id)
-            )
+            # Rows that drifted past delta_min_change (all touched rows at 0); the rest stay pending.
+            delta_rows = trainer.touched_rows()
+            published.append(self.publisher.publish_sparse(params, ids, delta_rows, run_id=run_id))
             if self.cycles % train.dense_every == 0:
                 published.append(self.publisher.publish_dense(params, run_id=run_id))
-        trainer.clear_touched()
+            trainer.clear_touched(delta_rows)
         self._mine = published[-1].version
         logger.info(
             "fine-tune %s: %d events, %d steps in %.1f s (loss %.4f), published %s",
