@@ -36,13 +36,21 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="Replay only the first N events.")
     parser.add_argument("--sample", type=float, default=1.0, help="Share of the events scored.")
     parser.add_argument("--finetune-every", type=int, default=10_000, help="Events between fine-tunes.")
+    parser.add_argument("--first-epochs", type=int, default=None, help="Epochs of the first training.")
+    parser.add_argument("--first-budget-s", type=float, default=None, help="Budget of the first training.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", type=Path, default=Path("replay.png"))
     parser.add_argument("--out", type=Path, default=None, help="Write the whole result as JSON here.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("publishers.publisher").setLevel(logging.WARNING)
-    config = ReplayConfig(finetune_every=args.finetune_every, sample=args.sample, seed=args.seed)
+    config = ReplayConfig(
+        finetune_every=args.finetune_every,
+        sample=args.sample,
+        seed=args.seed,
+        first_epochs=args.first_epochs,
+        first_budget_s=args.first_budget_s,
+    )
     load = os.getloadavg()
     started = time.perf_counter()
     with bench_cluster() as settings:

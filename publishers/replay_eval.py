@@ -102,6 +102,10 @@ class ReplayConfig:
 
     k: int = 10
     finetune_every: int = 10_000  # events between two fine-tunes, in event order (0: never)
+    # The first training (the frozen model, and the fine-tuned one's start): its own epochs and
+    # wall-clock budget (None: the fine-tune's), so the frozen baseline is trained, not a few steps.
+    first_epochs: int | None = None
+    first_budget_s: float | None = None
     sample: float = 1.0  # share of the events scored (all are learned)
     seed: int = 0  # of the sample and of the exploration sampler
     apply_timeout_s: float = 120.0  # longest wait for the replica to apply a published version
@@ -512,6 +516,8 @@ def run(
             "sample": config.sample,
             "seed": config.seed,
             "finetune_every": config.finetune_every,
+            "first_epochs": config.first_epochs,
+            "first_budget_s": config.first_budget_s,
             "events": evaluator.events,
             "scorable": evaluator.scorable,
             "versions": [f["version"] for f in evaluator.finetunes],
@@ -542,10 +548,20 @@ def _replay(
     replica = Replica(snapshots=snapshots)
     evaluator = ReplayEvaluator(settings, config=config, replica=replica)
     tuner = FineTuner(settings, publisher=publisher, source=evaluator.freshest)
+    first_train = settings.train.model_copy(
+        update={
+            "epochs": config.first_epochs or settings.train.epochs,
+            "budget_s": config.first_budget_s or settings.train.budget_s,
+        }
+    )
+    first = FineTuner(
+        settings.model_copy(update={"train": first_train}), publisher=publisher, source=evaluator.freshest
+    )
 
     def finetune(at_event: int) -> int | None:
+        # The first cycle trains longer; the next ones warm-start from what it published.
         try:
-            return tuner.cycle().version
+            return (first if publisher.latest is None else tuner).cycle().version
         except NothingToTrain as exc:
             logger.info("no fine-tune at event %d: %s", at_event, exc)
             return None
