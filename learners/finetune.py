@@ -10,7 +10,9 @@ A cycle (:meth:`FineTuner.cycle`):
 3. **Train** ``epochs`` passes, stopping at ``budget_s`` of wall time. New items get rows (the table
    grows, then evicts its stalest rows).
 4. **Publish**: the first cycle ever publishes a snapshot; later ones a sparse delta of the touched
-   rows, plus the dense parameters every ``dense_every``-th cycle. With ``delta_min_change`` above
+   rows, plus the dense parameters every ``dense_every``-th cycle. Where the catalogue is small
+   enough for the full softmax, a cycle normalises over the window's items only, so the rows it
+   moves (and ships) are the window's, not the whole table's. With ``delta_min_change`` above
    0, only rows that drifted more than it from their published value (and rows that changed hands)
    ship; the others stay pending until they do. That keeps a full-softmax cycle's delta, which
    touches every row, from growing to the whole table.
@@ -23,7 +25,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from freshrec.errors import NothingToTrain
@@ -77,7 +79,10 @@ class FineTuner:
         store: Store | None = None,
     ) -> None:
         self._settings = settings
-        self.config, self.train_config = configs_from_settings(settings.train)
+        self.config, train_config = configs_from_settings(settings.train)
+        # A full softmax over the catalogue would move every row each cycle (a delta as large as the
+        # table); over the window's items, only the rows the window holds move and ship.
+        self.train_config = replace(train_config, softmax_over="window")
         self.publisher = publisher
         self.source = source
         self.store = store

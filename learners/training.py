@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -56,6 +56,10 @@ class TrainConfig:
     # Sparse deltas publish a touched row only once it has drifted more than this (largest absolute
     # change of a coordinate) from what was last published; 0: every touched row.
     delta_min_change: float = 0.0
+    # Where the full softmax normalises: over the whole "catalogue" (offline), or over the items of
+    # the "window" being trained (the fine-tune): rows outside the window then never move, so a
+    # cycle's sparse delta holds the window's items, not the whole table.
+    softmax_over: str = "catalogue"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,9 +101,8 @@ def configs_from_settings(
         capacity=settings.capacity,
         device=settings.device,
         delta_min_change=settings.delta_min_change,
-        **({} if max_epochs is None else {"max_epochs": max_epochs}),
     )
-    return model, train
+    return model, train if max_epochs is None else replace(train, max_epochs=max_epochs)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -218,6 +221,8 @@ class SequenceTrainer:
         usable = max(1, self.items.used)  # negatives among rows that hold items, never spare rows
         full = self.config.full_softmax(usable)
         sampler = None if full else self._sampler(targets, usable)
+        if full and self.train_config.softmax_over == "window":
+            sampler = self._window_rows(inputs, targets)
         device = self.device
         self.model.train()
         total, steps, stopped = 0.0, 0, False
@@ -264,6 +269,17 @@ class SequenceTrainer:
             seconds=time.monotonic() - started,
             stopped_by_budget=stopped,
         )
+
+    @staticmethod
+    def _window_rows(
+        inputs: npt.NDArray[np.int64], targets: npt.NDArray[np.int64]
+    ) -> Callable[[], tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
+        """Every row of the window as the "negatives", each with ``q = 1/S``: a log-Q correction of
+        zero, so the sampled loss is exactly the softmax over the window's items."""
+        rows = np.unique(np.concatenate([inputs.ravel(), targets.ravel()]))
+        rows = rows[rows > 0]
+        log_q = np.full(len(rows), -np.log(len(rows)), dtype=np.float32)
+        return lambda: (rows, log_q)
 
     def _sampler(
         self, targets: npt.NDArray[np.int64], usable: int

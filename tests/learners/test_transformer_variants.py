@@ -179,3 +179,32 @@ def test_a_delta_ships_only_rows_that_drifted_and_keeps_the_rest_pending() -> No
     # Rows that change hands always ship, however little they moved.
     change = trainer.rows_for({"new": ["brand-new-a", "brand-new-b"]})
     assert set(change[0]) <= set(trainer.touched_rows().tolist())
+
+
+def test_a_window_softmax_moves_only_the_window_rows() -> None:
+    """The fine-tune's full softmax normalises over the window's items: nothing else moves or ships."""
+    config = SASRecConfig(max_len=8, dim=16, blocks=1, dropout=0.0, loss="full")
+    trainer = SequenceTrainer(config=config, train=TrainConfig(lr=1e-2, softmax_over="window"))
+    trainer.rows_for(_walks(40, 300))
+    trainer.clear_touched()
+    before = trainer.params()["item_emb.weight"]
+    window = trainer.rows_for(_walks(3, 300))
+    in_window = sorted({row for rows in window for row in rows})
+    first = trainer.fit(window, epochs=1).loss
+    assert trainer.touched_rows().tolist() == in_window
+    after = trainer.params()["item_emb.weight"]
+    moved = np.flatnonzero((before != after).any(axis=1))
+    assert set(moved.tolist()) == set(in_window)
+    assert trainer.fit(window, epochs=10).loss < first
+    # The loss is the cross-entropy over the window's items: S rows, each with q = 1/S.
+    rows = torch.tensor(in_window)
+    seq, target = torch.tensor([[0, 0, 0, 0, 0, *window[0][:3]]]), torch.tensor([[0] * 5 + window[0][1:4]])
+    trainer.model.eval()
+    with torch.no_grad():
+        log_q = torch.full((len(rows),), -math.log(len(rows)))
+        sampled = trainer.model.loss(seq, target, rows, log_q)
+        h = trainer.model.hidden(seq)[0, 5:]
+        logits = h @ trainer.model.item_emb.weight[rows].T  # (3, S)
+        labels = torch.tensor([in_window.index(t) for t in window[0][1:4]])
+        expected = torch.nn.functional.cross_entropy(logits, labels)
+    assert float(sampled) == pytest.approx(float(expected), rel=1e-5)
