@@ -12,7 +12,9 @@ workers commit the offsets of each checkpoint once it is on disk, for this only.
 Sampling is best effort and never stops the sink: a failed sample is retried at the next interval
 with a new Kafka admin client (one that lived through a broker restart may never answer again:
 librdkafka's admin requests kept timing out on it while a new client got answers at once). An
-outage is logged once when it starts and once when sampling works again, not at every interval.
+outage is logged once when it starts and once when sampling works again (three good samples in a
+row: a restarted broker answers some requests before its group coordinator is ready), not at
+every interval.
 A group's committed offsets trail its progress by up to its commit interval (1 s for the sink, the
 checkpoint interval for stream workers, 5 s by default), so lag reads high by that much.
 """
@@ -36,6 +38,8 @@ from freshrec.store import Store
 __all__ = ["COLUMNS", "LagRow", "LagSampler", "sample_lag"]
 
 logger = logging.getLogger(__name__)
+
+_STABLE_SAMPLES = 3  # good samples in a row that end an outage
 
 COLUMNS = ("sampled_at", "consumer_group", "topic", "partition", "committed", "end_offset", "lag")
 
@@ -107,7 +111,8 @@ class LagSampler:
         self._interval_s = interval_s
         self._stop = threading.Event()
         self._admin: AdminClient | None = None
-        self._failing_since: float | None = None  # monotonic start of the current run of failures
+        self._failing_since: float | None = None  # monotonic start of the current outage
+        self._good_since_failure = 0  # consecutive samples since the last failure
         self.samples = 0
         self.failures = 0
 
@@ -144,6 +149,7 @@ class LagSampler:
             self.sample()
         except Exception as exc:  # best effort: a broker or ClickHouse outage costs samples, no more
             self.failures += 1
+            self._good_since_failure = 0
             self._admin = None  # a new client for the next try
             if self._failing_since is None:
                 self._failing_since = time.monotonic()
@@ -152,7 +158,10 @@ class LagSampler:
                     " ".join(str(exc).split())[:300], self._interval_s,
                 )  # fmt: skip
             return
-        if self._failing_since is not None:
+        self._good_since_failure += 1
+        # A restarted broker flaps for a moment (its group coordinator is still loading): the
+        # outage ends after a few good samples in a row, not at the first.
+        if self._failing_since is not None and self._good_since_failure >= _STABLE_SAMPLES:
             logger.info(
                 "consumer lag sampling works again after %.1f s", time.monotonic() - self._failing_since
             )

@@ -151,7 +151,9 @@ class AuditSink:
             }
         )
         self._consumer = Consumer(config)
-        self._producer = EventProducer(self._settings)
+        # No delivery deadline: through a broker outage of any length the dead letters wait in the
+        # queue and are delivered when it is back (a deadline would drop them from the topic).
+        self._producer = EventProducer(self._settings, **{"message.timeout.ms": 0})
         self._consumer.subscribe([self._topic], on_assign=self._on_assign)
         last_message = time.monotonic()
         try:
@@ -345,7 +347,32 @@ class AuditSink:
             lambda: self._store.insert("dead_letters", columns, column_names=DEAD_LETTER_COLUMNS),
         )
         self.stats.dead_letters += len(dead)
-        self._producer.flush()
+        self._flush_dead_letter_topic()
+
+    def _flush_dead_letter_topic(self) -> None:
+        """Wait until the broker has acknowledged every dead letter, however long it is away; one
+        warning when the wait starts, one line when it ends. A record the broker refuses for good
+        (``failed``, not a timeout) still raises."""
+        assert self._producer is not None
+        waiting_since: float | None = None
+        while True:
+            try:
+                self._producer.flush(timeout_s=5.0)
+            except KafkaUnavailable as exc:
+                if self._producer.failed or self._stop.is_set():
+                    raise
+                if waiting_since is None:
+                    waiting_since = time.monotonic()
+                    logger.warning(
+                        "Kafka has not acknowledged the dead letters (%s); waiting for the broker, "
+                        "offsets held", _one_line(exc),
+                    )  # fmt: skip
+                continue
+            if waiting_since is not None:
+                logger.info(
+                    "Kafka acknowledged the dead letters after %.1f s", time.monotonic() - waiting_since
+                )
+            return
 
     def _commit(self, next_offsets: dict[int, int]) -> None:
         assert self._consumer is not None

@@ -1,4 +1,4 @@
-"""Degraded, not dead: the consumer-lag sampler comes back by itself after a broker restart.
+"""Degraded, not dead: the lag sampler and the sink's dead letters come through broker outages.
 
 The broker is a private one (own home, free ports) that the test stops and starts, so the session's
 broker stays up for the other tests.
@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import orjson
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from support import free_port_pair, wait_until
@@ -23,6 +24,7 @@ from freshrec.settings import Settings
 from freshrec.store import Store
 from streams.admin import ensure_topics
 from streams.lag import LagSampler
+from streams.sink import AuditSink
 
 
 @pytest.fixture
@@ -98,6 +100,7 @@ def test_the_lag_sampler_recovers_after_a_broker_restart(
         back = time.monotonic()
         wait_until(lambda: samples_since(restarted) > 0, timeout_s=90)
         recovery_s = time.monotonic() - back
+        wait_until(lambda: any("works again" in r.getMessage() for r in caplog.records), timeout_s=60)
     finally:
         sampler.stop()
         thread.join(60)
@@ -109,3 +112,99 @@ def test_the_lag_sampler_recovers_after_a_broker_restart(
     assert warnings[0].exc_info is None and "\n" not in warnings[0].getMessage()  # ...not a traceback
     assert sum("works again" in r.getMessage() for r in records) == 1
     print(f"lag sampling resumed {recovery_s:.1f} s after the broker was back")
+
+
+def test_the_sink_holds_its_dead_letters_through_a_broker_outage_longer_than_a_minute(
+    private_broker: LocalBroker,
+    make_settings: Callable[..., Settings],
+    store: Store,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Dead letters produced while the broker is away wait for it, however long; the sink neither
+    dies (it used to give up after 60 s) nor commits their offsets before the broker has them.
+
+    The sink is held in a ClickHouse outage (its `events` table detached) while the batch holding
+    the dead letters is in its hands; the broker is stopped, then ClickHouse let go, so the dead
+    letters are produced to a broker that is down."""
+    base = make_settings()
+    settings = make_settings(
+        kafka_bootstrap=private_broker.status().bootstrap,
+        sink=base.sink.model_copy(update={"retry_initial_s": 0.1, "retry_max_s": 0.5, "lag_interval_s": 0}),
+    )
+    ensure_topics(settings)
+    first = Producer(settings.kafka_config(log_level=0))
+    first.produce(settings.topics.events, _event("first"), key=b"u")
+    assert first.flush(30) == 0
+    sink = AuditSink(settings=settings, store=store)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            sink.run()
+        except BaseException as exc:  # the test asserts there is none
+            errors.append(exc)
+
+    caplog.set_level(logging.INFO, logger="streams.sink")
+    thread = threading.Thread(target=run)
+    thread.start()
+    events = store.table("events")
+    try:
+        wait_until(lambda: store.rows(f"SELECT count() FROM {events}") == [(1,)], timeout_s=60)
+        store.command(f"DETACH TABLE {events}")
+        # One record batch: the valid event first, so the batch waits at its `events` insert.
+        first.produce(settings.topics.events, _event("second"), key=b"u")
+        for _ in range(3):
+            first.produce(settings.topics.events, b"not json", key=b"u")
+        assert first.flush(30) == 0
+        wait_until(lambda: sink.stats.store_retries >= 2 or bool(errors), timeout_s=60)
+        private_broker.stop()
+        store.command(f"ATTACH TABLE {events}")
+        dead = store.table("dead_letters")
+        # The dead letters are in ClickHouse; their copies to the DLQ topic wait for the broker.
+        wait_until(lambda: store.rows(f"SELECT count() FROM {dead}") == [(3,)] or bool(errors), timeout_s=60)
+        time.sleep(65)  # the outage goes on past the minute the sink used to allow
+        assert not errors, errors
+        private_broker.start()
+        wait_until(
+            lambda: _logged(caplog, "acknowledged the dead letters after") or bool(errors), timeout_s=120
+        )
+        wait_until(lambda: committed(settings) == 5 or bool(errors), timeout_s=60)
+    finally:
+        sink.stop()
+        thread.join(60)
+    assert not errors, errors
+    assert store.rows(f"SELECT count() FROM {store.table('dead_letters')}") == [(3,)]
+    assert _logged(caplog, "has not acknowledged the dead letters")
+    assert _dlq_messages(settings) == 3
+    warnings = [r for r in caplog.records if r.name == "streams.sink" and r.levelno >= logging.WARNING]
+    assert sum("dead letters" in r.getMessage() for r in warnings) == 1
+
+
+def _event(event_id: str) -> bytes:
+    ts = int(time.time() * 1000)
+    return orjson.dumps({"event_id": event_id, "user_id": "u", "item_id": "i", "type": "view", "ts": ts})
+
+
+def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
+    return any(text in r.getMessage() for r in caplog.records if r.name == "streams.sink")
+
+
+def committed(settings: Settings) -> int:
+    partitions = [TopicPartition(settings.topics.events, p) for p in range(settings.broker_partitions)]
+    probe = Consumer(
+        settings.kafka_config(**{"group.id": settings.sink.group_id, "enable.auto.commit": False})
+    )
+    try:
+        return sum(max(tp.offset, 0) for tp in probe.committed(partitions, timeout=10))
+    finally:
+        probe.close()
+
+
+def _dlq_messages(settings: Settings) -> int:
+    topic = settings.topics.events_dlq
+    probe = Consumer(settings.kafka_config(**{"group.id": "dlq-count", "enable.auto.commit": False}))
+    try:
+        partitions = probe.list_topics(topic, timeout=30).topics[topic].partitions
+        return sum(probe.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1] for p in partitions)
+    finally:
+        probe.close()
