@@ -27,8 +27,8 @@ from pathlib import Path
 
 import orjson
 import pytest
-from confluent_kafka import Consumer, KafkaError, TopicPartition
-from support import cli_env, free_port_pair, freshrec_cli, sql_json
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from support import cli_env, free_port_pair, freshrec_cli, sql_json, wait_until
 
 from freshrec.broker import LocalBroker
 from freshrec.settings import Settings, SinkSettings, default_datasets_dir
@@ -73,6 +73,20 @@ def _kill_broker(broker: LocalBroker) -> None:
     broker.stop()
 
 
+def _committed(settings: Settings) -> int:
+    """Sum of the sink group's committed offsets on ``events`` (what the sink has stored)."""
+    partitions = [TopicPartition(settings.topics.events, p) for p in range(settings.broker_partitions)]
+    probe = Consumer(
+        settings.kafka_config(**{"group.id": settings.sink.group_id, "enable.auto.commit": False})
+    )
+    try:
+        return sum(max(tp.offset, 0) for tp in probe.committed(partitions, timeout=10))
+    except KafkaException:  # the group's coordinator is still moving after a restart: ask again
+        return -1
+    finally:
+        probe.close()
+
+
 def _messages_on_topic(settings: Settings) -> int:
     """Every message ever written to ``events`` (no transactions, no compaction: the high marks)."""
     consumer = Consumer(settings.kafka_config(**{"group.id": f"probe-{uuid.uuid4().hex}"}))
@@ -94,9 +108,14 @@ def test_broker_restarts_under_traffic_lose_and_double_nothing(
     plan: list[str] = []
     ensure_topics(settings)
     env = cli_env(settings, dsn=f"chdb://{tmp_path / 'sink-db'}")
-    sink = subprocess.Popen(
-        [sys.executable, "-m", "freshrec", "sink"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    sink_log = tmp_path / "sink.log"
+    with sink_log.open("wb") as log:  # the child keeps its own descriptor
+        sink = subprocess.Popen(
+            [sys.executable, "-m", "freshrec", "sink"], env=env, stdout=subprocess.DEVNULL, stderr=log
+        )
+
+    def sink_said() -> str:
+        return sink_log.read_text(errors="replace")[-3000:]
 
     acked: set[str] = set()
     failed: list[str] = []
@@ -106,7 +125,7 @@ def test_broker_restarts_under_traffic_lose_and_double_nothing(
     pacing = random.Random(seed + 1)
 
     def produce() -> None:
-        with EventProducer(settings) as producer:
+        with EventProducer(settings, log_level=0) as producer:  # outages expected: no log storm
             producer.poll_in_background()
             n = 0
             while not stop.is_set():
@@ -137,9 +156,23 @@ def test_broker_restarts_under_traffic_lose_and_double_nothing(
 
     producer = threading.Thread(target=produce)
     producer.start()
+
+    def progress(after: int) -> int:
+        """Wait until the sink stores more than ``after`` (it is consuming); its new position."""
+        try:
+            wait_until(lambda: _committed(settings) > after, timeout_s=120)
+        except AssertionError as exc:
+            raise AssertionError(
+                f"seed {seed}, outages {plan}: the sink stored nothing new; it said:\n{sink_said()}"
+            ) from exc
+        return _committed(settings)
+
+    committed = 0
     try:
         for outage in range(OUTAGES):
-            before = rng.uniform(1.0, 4.0)
+            # The sink is consuming before each outage (after the first: it came back by itself).
+            committed = progress(committed)
+            before = rng.uniform(0.0, 2.0)
             down = rng.uniform(0.5, 6.0)
             how = ("stop", "kill -9")[outage % 2]  # both kinds, every run
             plan.append(f"{before:.1f}s up, {how}, {down:.1f}s down")
@@ -150,13 +183,14 @@ def test_broker_restarts_under_traffic_lose_and_double_nothing(
                 _kill_broker(broker)
             time.sleep(down)  # the outage itself
             broker.start()
-        time.sleep(rng.uniform(1.0, 3.0))  # traffic after the last restart
+        progress(committed)  # and after the last one
+        time.sleep(rng.uniform(0.0, 2.0))  # more traffic after the last restart
     finally:
         stop.set()
         producer.join(timeout=300)
     replay = f"seed {seed} (replay with FRESHREC_FAULT_SEED={seed}), outages {plan}"
     assert not producer.is_alive(), f"{replay}: the producer did not finish"
-    assert sink.poll() is None, f"{replay}: the sink died: {sink.communicate()[1].decode()[-3000:]}"
+    assert sink.poll() is None, f"{replay}: the sink died: {sink_said()}"
     total = produced[0]
     assert not failed, f"{replay}: {len(failed)} deliveries failed, e.g. {failed[:5]}"
     assert len(acked) == total, f"{replay}: {total - len(acked)} of {total} events never acknowledged"
@@ -165,8 +199,8 @@ def test_broker_restarts_under_traffic_lose_and_double_nothing(
     on_topic = _messages_on_topic(settings)
     db = settings.clickhouse_database
     sink.send_signal(signal.SIGTERM)
-    _, stderr = sink.communicate(timeout=120)
-    assert sink.returncode == 0, f"{replay}: sink exit {sink.returncode}: {stderr.decode()[-3000:]}"
+    sink.wait(timeout=120)
+    assert sink.returncode == 0, f"{replay}: sink exit {sink.returncode}: {sink_said()}"
     freshrec_cli("sink", "--until-idle", "3", env=env, timeout=300)
 
     doubled = sql_json(
