@@ -261,6 +261,28 @@ class ServeSettings(BaseModel):
         "Tables under 65,536 rows or wider than 128 are scanned in fp32 anyway. False: always fp32.",
     )
     candidates: int = Field(100, ge=1, le=10_000, description="Candidates taken from each source.")
+    fusion: str = Field(
+        "learned",
+        pattern=r"^(learned|rrf)$",
+        description="How candidates from the sources are ranked: learned (an online softmax over each "
+        "candidate's per-source ranks and scores, learning from each user's next event) or rrf (fixed "
+        "reciprocal-rank fusion, re-ranked by the MF head).",
+    )
+    sources: list[str] = Field(
+        default_factory=lambda: ["transformer", "cooccurrence", "popular", "mf"],
+        description="Candidate sources a request uses (transformer, cooccurrence, popular) and the MF "
+        "head's re-rank (mf); leaving one out is how the replay measures what it adds.",
+    )
+    fusion_learning_rate: float = Field(
+        0.05, gt=0, le=10, description="AdaGrad step of the learned fusion's weights."
+    )
+    fusion_pending_users: int = Field(
+        4_096,
+        ge=0,
+        le=1_000_000,
+        description="Users whose last request's candidates are kept until their next event labels them "
+        "(least recent dropped first; about 20 KB each at 300 candidates; 0: the fusion never learns).",
+    )
     max_k: int = Field(100, ge=1, le=1_000, description="Largest k a request may ask for.")
     seed: int | None = Field(None, description="Seed of the exploration sampler (None: random).")
     workers: int = Field(
