@@ -3,9 +3,13 @@
 Each message is one response of the API (:func:`encode_impression`): request id, user, policy, model
 version, latency, and the items in order with their score, source, explore flag and propensity. The
 sink writes one row per item, exactly once across crashes by the same rule as the audit sink: rows
-carry their Kafka ``(topic, partition, offset)``, and on assignment the sink skips what the table
-already holds. A message that is not a well-formed impression (only freshrec writes this topic, so a
-bug or a stranger) goes to ``dead_letters`` with reason ``bad_impression``: nothing is lost.
+carry their Kafka ``(topic, partition, offset)``, and on assignment the sink reads the highest offset
+each table holds for the partition (``I`` in ``impressions``, ``D`` in ``dead_letters``). A message
+that is not a well-formed impression (only freshrec writes this topic, so a bug or a stranger) goes to
+``dead_letters`` with reason ``bad_impression``: nothing is lost. A batch inserts its impressions
+before its dead letters, so after a kill between the two a well-formed message is skipped when at or
+below ``I``, a malformed one when at or below ``D``. A ClickHouse outage stalls the sink (retries with
+backoff, :mod:`streams.outage`); offsets are stored only once a batch is written.
 """
 
 from __future__ import annotations
@@ -19,9 +23,12 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, Message, TopicPartition
 
+from freshrec.faults import fault_point
 from freshrec.settings import Settings
 from freshrec.store import Store
 from streams.admin import check_consume_error, ensure_topics
+from streams.outage import StoreRetry
+from streams.sink import DEAD_LETTER_COLUMNS
 
 __all__ = ["IMPRESSION_COLUMNS", "ImpressionSink", "encode_impression", "impression_rows"]
 
@@ -91,7 +98,11 @@ class ImpressionSink:
         self._store = store
         self._topic = settings.topics.impressions
         self._stop = threading.Event()
-        self._stored: dict[int, int] = {}
+        self._stored: dict[int, int] = {}  # partition → highest offset in impressions
+        self._stored_dead: dict[int, int] = {}  # partition → highest offset in dead_letters
+        sink = settings.sink
+        self.retry = StoreRetry(stop=self._stop, initial_s=sink.retry_initial_s, max_s=sink.retry_max_s,
+                                name="impressions sink")  # fmt: skip
         self._assigned_at = 0.0
         self.rows = 0
         self.bad = 0
@@ -135,16 +146,22 @@ class ImpressionSink:
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned_at = time.monotonic()
-        rows = self._store.rows(
-            f"SELECT partition, max(offset) FROM {self._store.table('impressions')} "
-            "WHERE topic = {topic:String} AND partition IN {p:Array(UInt32)} GROUP BY partition",
-            {"topic": self._topic, "p": [tp.partition for tp in partitions]},
+        numbers = [tp.partition for tp in partitions]
+        self._stored.update(self._max_offsets("impressions", numbers))
+        self._stored_dead.update(self._max_offsets("dead_letters", numbers))
+
+    def _max_offsets(self, table: str, partitions: list[int]) -> dict[int, int]:
+        query = (
+            f"SELECT partition, max(offset) FROM {self._store.table(table)} "
+            "WHERE topic = {topic:String} AND partition IN {p:Array(UInt32)} GROUP BY partition"
         )
-        self._stored.update({int(p): int(o) for p, o in rows})
+        parameters = {"topic": self._topic, "p": partitions}
+        rows = self.retry(f"read the stored offsets of {table}", lambda: self._store.rows(query, parameters))
+        return {int(p): int(o) for p, o in rows}
 
     def _process(self, consumer: Consumer, messages: list[Message]) -> None:
         columns: list[list[Any]] = [[] for _ in IMPRESSION_COLUMNS]
-        dead: list[list[Any]] = [[] for _ in range(10)]
+        dead: list[list[Any]] = [[] for _ in DEAD_LETTER_COLUMNS]
         offsets: dict[int, int] = {}
         now = datetime.now(UTC)
         for message in messages:
@@ -155,32 +172,34 @@ class ImpressionSink:
             partition: int = message.partition()  # type: ignore[assignment]
             offset: int = message.offset()  # type: ignore[assignment]
             offsets[partition] = offset + 1
-            if offset <= self._stored.get(partition, -1):
-                continue
             value = message.value() or b""
             try:
                 rows = impression_rows(value)
             except ValueError as exc:
+                if offset <= self._stored_dead.get(partition, -1):
+                    continue  # dead-lettered before a crash
                 self.bad += 1
                 row = (self._topic, partition, offset, message.key() or b"", value, "bad_impression",
                        str(exc)[:500], "", max(message.timestamp()[1], 0), now)  # fmt: skip
                 for column, cell in zip(dead, row, strict=True):
                     column.append(cell)
                 continue
+            if offset <= self._stored.get(partition, -1):
+                continue  # written before a crash
             for row in rows:
                 for column, cell in zip(columns, (*row, self._topic, partition, offset), strict=True):
                     column.append(cell)
         if columns[0]:
-            self._store.insert("impressions", columns, column_names=IMPRESSION_COLUMNS)
+            self.retry(
+                "insert into impressions",
+                lambda: self._store.insert("impressions", columns, column_names=IMPRESSION_COLUMNS),
+            )
             self.rows += len(columns[0])
+        fault_point("impressions.after_impressions_insert")
         if dead[0]:
-            self._store.insert(
-                "dead_letters",
-                dead,
-                column_names=[
-                    "topic", "partition", "offset", "key", "payload", "reason", "detail", "event_id",
-                    "kafka_ts", "received_at",
-                ],
-            )  # fmt: skip
+            self.retry(
+                "insert into dead_letters",
+                lambda: self._store.insert("dead_letters", dead, column_names=DEAD_LETTER_COLUMNS),
+            )
         if offsets:
             consumer.store_offsets(offsets=[TopicPartition(self._topic, p, o) for p, o in offsets.items()])

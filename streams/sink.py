@@ -50,32 +50,27 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
-from clickhouse_connect.driver.exceptions import ClickHouseError
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
-from freshrec.errors import InvalidEvent, KafkaUnavailable, StoreUnavailable
+from freshrec.errors import InvalidEvent, KafkaUnavailable
 from freshrec.events import REASON_DUPLICATE, Event, parse_event
 from freshrec.faults import fault_point
 from freshrec.settings import Settings
 from freshrec.store import Store
 from streams.admin import check_consume_error, ensure_topics
 from streams.dedup import RecentIds
+from streams.outage import StoreRetry, one_line
 from streams.producer import EventProducer
 
 __all__ = ["AuditSink", "SinkStats", "run"]
 
 logger = logging.getLogger(__name__)
 
-_T = TypeVar("_T")
-
-#: What a ClickHouse call raises when the store is down, hangs past its timeout, or refuses a write.
-_STORE_FAILURES = (ClickHouseError, StoreUnavailable, OSError)
 
 EVENT_COLUMNS = (
     "event_id", "user_id", "item_id", "type", "ts", "value", "request_id", "context",
@@ -97,8 +92,6 @@ class SinkStats:
     duplicates: int = 0
     skipped_already_stored: int = 0
     batches: int = 0
-    store_retries: int = 0
-    store_outages: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
 
 
@@ -124,7 +117,9 @@ class AuditSink:
         self._consumer_overrides = consumer_overrides or {}
         self._consumer: Consumer | None = None
         self._producer: EventProducer | None = None
-        self._outage_since: float | None = None  # monotonic start of the current ClickHouse outage
+        sink = settings.sink
+        self.retry = StoreRetry(stop=self._stop, initial_s=sink.retry_initial_s, max_s=sink.retry_max_s,
+                                name="audit sink")  # fmt: skip
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -195,7 +190,7 @@ class AuditSink:
         )  # fmt: skip
 
     def _max_offsets(self, table: str, partitions: list[int]) -> dict[int, int]:
-        rows = self._retrying(f"read the stored offsets of {table}", lambda: self._store.rows(
+        rows = self.retry(f"read the stored offsets of {table}", lambda: self._store.rows(
             f"SELECT partition, max(offset) FROM {self._store.table(table)} "
             "WHERE topic = {topic:String} AND partition IN {partitions:Array(UInt32)} GROUP BY partition",
             {"topic": self._topic, "partitions": partitions},
@@ -206,7 +201,7 @@ class AuditSink:
         horizon = self._settings.sink.dedup_horizon
         if not horizon:
             return
-        rows = self._retrying("read the recent event ids", lambda: self._store.rows(
+        rows = self.retry("read the recent event ids", lambda: self._store.rows(
             f"SELECT event_id FROM {self._store.table('events')} WHERE topic = {{topic:String}} "
             "ORDER BY ingested_at DESC, offset DESC LIMIT {n:UInt64}",
             {"topic": self._topic, "n": horizon // 2},
@@ -280,7 +275,7 @@ class AuditSink:
         if n_events:
             e_topic.extend([topic] * n_events)
             e_ingested.extend([ingested_ms] * n_events)
-            self._retrying(
+            self.retry(
                 "insert into events",
                 lambda: self._store.insert("events", ev, column_names=EVENT_COLUMNS),
             )
@@ -297,7 +292,7 @@ class AuditSink:
         ``events`` at their own offset are skipped; the others were duplicates whose dead letter
         was lost, and are returned as dead letters to write now."""
         ids = sorted({event.event_id for _, event in replayed})
-        rows = self._retrying("look up replayed event ids", lambda: self._store.rows(
+        rows = self.retry("look up replayed event ids", lambda: self._store.rows(
             f"SELECT event_id, partition, offset FROM {self._store.table('events')} "
             "WHERE event_id IN {ids:Array(String)} AND topic = {topic:String}",
             {"ids": ids, "topic": self._topic},
@@ -342,7 +337,7 @@ class AuditSink:
             self.stats.reasons[reason] = self.stats.reasons.get(reason, 0) + 1
             if reason == REASON_DUPLICATE:
                 self.stats.duplicates += 1
-        self._retrying(
+        self.retry(
             "insert into dead_letters",
             lambda: self._store.insert("dead_letters", columns, column_names=DEAD_LETTER_COLUMNS),
         )
@@ -365,7 +360,7 @@ class AuditSink:
                     waiting_since = time.monotonic()
                     logger.warning(
                         "Kafka has not acknowledged the dead letters (%s); waiting for the broker, "
-                        "offsets held", _one_line(exc),
+                        "offsets held", one_line(exc),
                     )  # fmt: skip
                 continue
             if waiting_since is not None:
@@ -385,49 +380,9 @@ class AuditSink:
             # or another) reads what ClickHouse holds on assignment and skips it.
             logger.info("offsets not stored, the partitions were reassigned meanwhile: %s", exc)
 
-    # ------------------------------------------------------------------ ClickHouse outages
-
-    def _retrying(self, what: str, call: Callable[[], _T]) -> _T:
-        """``call()`` until it succeeds, with exponential backoff between failures; one warning
-        when an outage starts, one line when it ends. Raises :class:`StoreUnavailable` if the sink
-        is stopped meanwhile (the batch is then neither written nor committed)."""
-        delay = self._settings.sink.retry_initial_s
-        while True:
-            try:
-                result = call()
-            except _STORE_FAILURES as exc:
-                if self._outage_since is None:
-                    self._outage_since = time.monotonic()
-                    self.stats.store_outages += 1
-                    logger.warning(
-                        "ClickHouse failed (%s: %s); retrying with backoff, Kafka offsets held "
-                        "until the batch is stored",
-                        what, _one_line(exc),
-                    )  # fmt: skip
-                self.stats.store_retries += 1
-                if self._stop.wait(delay):
-                    raise StoreUnavailable(
-                        f"stopped while ClickHouse was unavailable ({_one_line(exc)}); the unwritten "
-                        "batch was not committed and is read again on the next start"
-                    ) from exc
-                delay = min(delay * 2, self._settings.sink.retry_max_s)
-                continue
-            if self._outage_since is not None:
-                logger.info(
-                    "ClickHouse is back after %.1f s; the sink goes on",
-                    time.monotonic() - self._outage_since,
-                )
-                self._outage_since = None
-            return result
-
 
 def _duplicate_detail(event_id: str) -> str:
     return f"event_id {event_id[:80]!r} was already accepted"
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def run(settings: Settings, store: Store, *, until_idle_s: float | None = None) -> SinkStats:

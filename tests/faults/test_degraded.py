@@ -156,7 +156,7 @@ def test_the_sink_holds_its_dead_letters_through_a_broker_outage_longer_than_a_m
         for _ in range(3):
             first.produce(settings.topics.events, b"not json", key=b"u")
         assert first.flush(30) == 0
-        wait_until(lambda: sink.stats.store_retries >= 2 or bool(errors), timeout_s=60)
+        wait_until(lambda: sink.retry.retries >= 2 or bool(errors), timeout_s=60)
         private_broker.stop()
         store.command(f"ATTACH TABLE {events}")
         dead = store.table("dead_letters")

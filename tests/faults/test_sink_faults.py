@@ -23,6 +23,7 @@ from freshrec.faults import FAULT_EXIT_STATUS
 from freshrec.settings import Settings
 from freshrec.store import Store
 from streams.admin import ensure_topics
+from streams.impressions import encode_impression
 from streams.producer import EventProducer
 from streams.sink import AuditSink
 
@@ -72,6 +73,35 @@ def test_a_kill_between_the_events_and_dead_letters_inserts_loses_no_dead_letter
     assert sql_json(f"SELECT count() AS n FROM {db}.events", env=env) == [{"n": 2}]
 
 
+def test_a_kill_between_the_impressions_and_dead_letters_inserts_loses_and_doubles_nothing(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The decision log's sink, same gap: one batch with a served response and a malformed message;
+    killed after its `impressions` insert, the next sink writes the dead letter and no row twice."""
+    env = cli_env(settings, dsn=f"chdb://{tmp_path / 'db'}") | {"FRESHREC_SINK__LAG_INTERVAL_S": "0"}
+    ensure_topics(settings)
+    served = encode_impression(
+        request_id="r1", user_id="u1", policy="none", model_version=1, latency_ms=1.0,
+        items=[{"item_id": f"i{n}", "score": 1.0 - n / 10, "source": "popular", "explore": False,
+                "propensity": 1.0} for n in range(3)],
+    )  # fmt: skip
+    with EventProducer(settings) as producer:  # one key: one partition, offsets 0 and 1
+        for message in (served, b"not an impression"):
+            producer.produce(settings.topics.impressions, message, key=b"u1")
+    fault = {"FRESHREC_FAULT_POINT": "impressions.after_impressions_insert"}
+    killed = freshrec_cli("sink", env=env | fault, check=False, timeout=120)
+    assert killed.returncode == FAULT_EXIT_STATUS, killed.stderr
+    db = settings.clickhouse_database
+    assert sql_json(f"SELECT count() AS n FROM {db}.impressions", env=env) == [{"n": 3}]
+    assert sql_json(f"SELECT count() AS n FROM {db}.dead_letters", env=env) == [{"n": 0}]
+
+    freshrec_cli("sink", "--until-idle", "2", env=env)
+    rows = sql_json(f"SELECT item_id, offset FROM {db}.impressions ORDER BY position", env=env)
+    assert rows == [{"item_id": f"i{n}", "offset": 0} for n in range(3)]  # not written twice
+    dead = sql_json(f"SELECT offset, reason FROM {db}.dead_letters", env=env)
+    assert dead == [{"offset": 1, "reason": "bad_impression"}]
+
+
 def test_the_sink_rides_out_a_clickhouse_outage_and_stores_exactly_once(
     make_settings: Callable[..., Settings], store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -95,7 +125,7 @@ def test_the_sink_rides_out_a_clickhouse_outage_and_stores_exactly_once(
             errors.append(exc)
 
     thread = threading.Thread(target=run)
-    caplog.set_level(logging.INFO, logger="streams.sink")
+    caplog.set_level(logging.INFO, logger="streams.outage")
     thread.start()
     events = store.table("events")
     try:
@@ -104,7 +134,7 @@ def test_the_sink_rides_out_a_clickhouse_outage_and_stores_exactly_once(
 
         store.command(f"DETACH TABLE {events}")
         produce(settings, during)
-        wait_until(lambda: sink.stats.store_retries >= 5 or bool(errors), timeout_s=60)
+        wait_until(lambda: sink.retry.retries >= 5 or bool(errors), timeout_s=60)
         assert not errors, errors
         time.sleep(1.5)  # past the sink's 1 s auto-commit: nothing of the unstored batch is committed
         assert committed(settings) == 300
@@ -123,11 +153,11 @@ def test_the_sink_rides_out_a_clickhouse_outage_and_stores_exactly_once(
     )  # fmt: skip
     assert count == final == distinct == 1000
     assert store.rows(f"SELECT count() FROM {store.table('dead_letters')}") == [(0,)]
-    records = [r for r in caplog.records if r.name == "streams.sink"]
+    records = [r for r in caplog.records if r.name == "streams.outage"]
     warnings = [r for r in records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "ClickHouse failed" in warnings[0].getMessage()
     assert sum("ClickHouse is back" in r.getMessage() for r in records) == 1
-    assert sink.stats.store_outages == 1
+    assert sink.retry.outages == 1
     print(f"sink stored the held batch {recovery_s:.2f} s after ClickHouse accepted writes again")
 
 
