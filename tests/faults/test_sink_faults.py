@@ -76,8 +76,9 @@ def test_a_kill_between_the_events_and_dead_letters_inserts_loses_no_dead_letter
 def test_a_kill_between_the_impressions_and_dead_letters_inserts_loses_and_doubles_nothing(
     settings: Settings, tmp_path: Path
 ) -> None:
-    """The decision log's sink, same gap: one batch with a served response and a malformed message;
-    killed after its `impressions` insert, the next sink writes the dead letter and no row twice."""
+    """The decision log's sink, same gap: one batch, a malformed message then a served response;
+    killed after its `impressions` insert (which holds the later offset), the next sink must still
+    write the earlier message's dead letter, and no row twice."""
     env = cli_env(settings, dsn=f"chdb://{tmp_path / 'db'}") | {"FRESHREC_SINK__LAG_INTERVAL_S": "0"}
     ensure_topics(settings)
     served = encode_impression(
@@ -86,7 +87,7 @@ def test_a_kill_between_the_impressions_and_dead_letters_inserts_loses_and_doubl
                 "propensity": 1.0} for n in range(3)],
     )  # fmt: skip
     with EventProducer(settings) as producer:  # one key: one partition, offsets 0 and 1
-        for message in (served, b"not an impression"):
+        for message in (b"not an impression", served):
             producer.produce(settings.topics.impressions, message, key=b"u1")
     fault = {"FRESHREC_FAULT_POINT": "impressions.after_impressions_insert"}
     killed = freshrec_cli("sink", env=env | fault, check=False, timeout=120)
@@ -97,9 +98,9 @@ def test_a_kill_between_the_impressions_and_dead_letters_inserts_loses_and_doubl
 
     freshrec_cli("sink", "--until-idle", "2", env=env)
     rows = sql_json(f"SELECT item_id, offset FROM {db}.impressions ORDER BY position", env=env)
-    assert rows == [{"item_id": f"i{n}", "offset": 0} for n in range(3)]  # not written twice
+    assert rows == [{"item_id": f"i{n}", "offset": 1} for n in range(3)]  # not written twice
     dead = sql_json(f"SELECT offset, reason FROM {db}.dead_letters", env=env)
-    assert dead == [{"offset": 1, "reason": "bad_impression"}]
+    assert dead == [{"offset": 0, "reason": "bad_impression"}]
 
 
 def test_the_sink_rides_out_a_clickhouse_outage_and_stores_exactly_once(
