@@ -50,16 +50,18 @@ class EventProducer:
         self._poller: threading.Thread | None = None
         self._closing = threading.Event()
         self.delivered = 0
-        self.failed = 0
+        self.failed = 0  # every record that failed, whoever was told
+        self._unreported = 0  # failed records no ``on_delivery`` was told of, not yet raised by flush
         self.last_error: KafkaError | None = None
 
-    def _on_delivery(self, error: KafkaError | None, _message: Message) -> None:
+    def _on_delivery(self, error: KafkaError | None, _message: Message, *, handled: bool = False) -> None:
         # Runs inside poll()/flush() on the producing thread; the lock keeps readers consistent.
         with self._lock:
             if error is None:
                 self.delivered += 1
             else:
                 self.failed += 1
+                self._unreported += 0 if handled else 1
                 self.last_error = error
         if error is not None:
             logger.error("delivery failed: %s", error)
@@ -76,12 +78,13 @@ class EventProducer:
     ) -> None:
         """Queue one record; blocks (serving delivery reports) while the local queue is full.
         ``on_delivery(error)`` runs once the broker acknowledged it (error None) or it failed, on
-        whichever thread serves delivery reports (:meth:`poll_in_background`, ``flush``)."""
+        whichever thread serves delivery reports (:meth:`poll_in_background`, ``flush``); the caller
+        then owns that record's failure, and :meth:`flush` does not raise it again."""
         report: Callable[[KafkaError | None, Message], None] = self._on_delivery
         if on_delivery is not None:
 
             def both(error: KafkaError | None, message: Message) -> None:
-                self._on_delivery(error, message)
+                self._on_delivery(error, message, handled=True)
                 on_delivery(error)
 
             report = both
@@ -105,12 +108,15 @@ class EventProducer:
         return len(self._producer)
 
     def flush(self, timeout_s: float = 60.0) -> None:
-        """Wait for every queued record's delivery report; raise if any failed or some remain."""
+        """Wait for every queued record's delivery report; raise if some remain, or if a record
+        failed that no ``on_delivery`` was told of and no earlier flush raised."""
         remaining = self._producer.flush(timeout_s)
         if remaining:
             raise KafkaUnavailable(f"{remaining} records not delivered within {timeout_s:.0f} s")
-        if self.failed:
-            raise KafkaUnavailable(f"{self.failed} records failed delivery; last error: {self.last_error}")
+        with self._lock:
+            unreported, self._unreported = self._unreported, 0
+        if unreported:
+            raise KafkaUnavailable(f"{unreported} records failed delivery; last error: {self.last_error}")
 
     def poll_in_background(self) -> None:
         """Serve delivery reports on a thread of their own from now until :meth:`close`, so that a
