@@ -65,7 +65,7 @@ def main() -> None:
     base = result["methods"]["popularity"]["hr@10"] or float("nan")
     print(f"replay {args.dataset}: {result['events']:,} events, {result['scored']:,} scored "
           f"({result['scorable']:,} scorable), {len(result['finetunes'])} fine-tunes, "
-          f"{wall:.0f} s wall (load average before: {load[0]:.1f})")  # fmt: skip
+          f"{wall:.0f} s wall (load average before: {load[0]:.1f}), fusion {result['fusion']}")  # fmt: skip
     print(f"{'method':<20} {'HR@10':>7} {'95% CI':>17} {'NDCG@10':>8} {'x pop':>6}")
     for method, m in result["methods"].items():
         (lo, hi), ratio = m["ci95"], m["hr@10"] / base

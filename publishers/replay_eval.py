@@ -26,7 +26,8 @@ Methods, all on the same requests:
 - ``transformer``: the serving index of the newest applied version (fine-tuned as the replay goes);
 - ``transformer_frozen``: the first version (trained once on the first ``finetune_every`` events),
   never updated;
-- ``served``, ``served_explore``: the lists the API returns.
+- ``served``, ``served_explore``: the lists the API returns, ranked by the configured fusion
+  (``FRESHREC_SERVE__FUSION``; the result's ``fusion`` says which).
 
 Single sources rank the whole catalogue seen so far (ties by first appearance); the transformer
 ranks its confident index; ``served`` is scored on the list as returned. An event whose item was never
@@ -121,6 +122,7 @@ def run(
         "scorable": evaluator.scorable,
         "run_id": run_id,
         "ci": "95%, normal approximation over per-event outcomes (Wald for HR)",
+        "fusion": settings.serve.fusion,
         "methods": methods,
         "paired": evaluator.paired(),
         "finetunes": evaluator.finetunes,
