@@ -10,11 +10,11 @@ Choices the streaming setting makes for us:
   changes only the rows it looked up, which is what lets :mod:`publishers` ship *sparse* deltas of the
   touched rows. Dense optimisers with momentum move every row that ever had a gradient.
 - **The loss follows the catalogue's size** (``loss="auto"``): the full softmax (cross-entropy over
-  every item) where the catalogue has at most ``full_softmax_max_items`` items, since it learns
-  clearly better than a sampled loss (ml-100k HR@10 0.14 → 0.19+, docs/benchmarks.md); a sampled
-  softmax over ``negatives`` shared negatives, with the log-Q correction, where the full one would
-  cost too much per step. The full softmax's gradient moves every row each step: the trainer then
-  publishes only the rows that drifted (:class:`learners.training.SequenceTrainer`).
+  every item) where the catalogue has at most ``full_softmax_max_items`` items (it learned better
+  than the sampled loss on ml-100k, docs/benchmarks.md); a sampled softmax over ``negatives``
+  shared negatives, with the log-Q correction, where the full one would cost too much per step.
+  The full softmax's gradient moves every row each step, so the fine-tune normalises it over the
+  window's items only (``TrainConfig.softmax_over``): its sparse delta stays the window's rows.
 - **Two blocks**: SASRec's (softmax attention and a feed-forward) and HSTU's (Zhai et al., 2024:
   pointwise SiLU attention with a relative position bias, gated by a fourth projection ``u``, no
   feed-forward), chosen by ``block``.
@@ -61,7 +61,7 @@ class SASRecConfig:
     temperature: float = 1.0  # logits are divided by it (with cosine, ~0.05 is typical)
     block: str = "sasrec"  # "sasrec" (softmax attention + feed-forward) or "hstu" (pointwise SiLU attention)
     loss: str = "auto"  # "full" softmax, "sampled" softmax, or "auto": full up to full_softmax_max_items
-    full_softmax_max_items: int = 50_000  # "auto" takes the full softmax up to this many items
+    full_softmax_max_items: int = 20_000  # "auto" takes the full softmax up to this many items
     sample_alpha: float = 0.0  # negatives drawn ∝ count^alpha (0: uniform), log-Q corrected
 
     def __post_init__(self) -> None:

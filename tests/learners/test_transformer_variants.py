@@ -107,11 +107,17 @@ def test_the_loss_follows_the_catalogue_size() -> None:
 
 def test_configs_round_trip_and_come_from_settings() -> None:
     settings = TrainSettings(
-        block="hstu", loss="sampled", dropout=0.3, sample_alpha=0.5, device="cpu", delta_min_change=1e-3
+        block="hstu",
+        loss="sampled",
+        dropout=0.3,
+        sample_alpha=0.5,
+        device="cpu",
+        delta_min_change=1e-3,
+        batch_size=64,
     )
     model, train = configs_from_settings(settings, max_epochs=7)
     assert (model.block, model.loss, model.dropout, model.sample_alpha) == ("hstu", "sampled", 0.3, 0.5)
-    assert (train.device, train.delta_min_change, train.max_epochs) == ("cpu", 1e-3, 7)
+    assert (train.device, train.delta_min_change, train.max_epochs, train.batch_size) == ("cpu", 1e-3, 7, 64)
     assert SASRecConfig.from_dict(model.to_dict()) == model
     # A version published before these fields existed loads as the SASRec block.
     old = {k: v for k, v in model.to_dict().items() if k not in ("block", "loss", "sample_alpha")}
