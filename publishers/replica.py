@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, TopicPartition
 
 from freshrec.errors import KafkaUnavailable
 from freshrec.settings import Settings
@@ -198,9 +198,13 @@ class ReplicaSubscriber:
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
-    def start(self) -> ReplicaSubscriber:
+    def start(self, *, wait: bool = True) -> ReplicaSubscriber:
+        """Follow the topics on a thread of its own. ``wait``: return once subscribed (raise after
+        60 s without Kafka); else return at once, the thread subscribing whenever Kafka answers."""
         self._thread = threading.Thread(target=self._run, name="freshrec-replica", daemon=True)
         self._thread.start()
+        if not wait:
+            return self
         if not self._ready.wait(60):
             self.stop()
             raise KafkaUnavailable("the replica could not subscribe to the model topics within 60 s")
@@ -211,8 +215,14 @@ class ReplicaSubscriber:
 
     @property
     def alive(self) -> bool:
-        """Whether the subscriber thread is still following the topics (``/healthz`` reports it)."""
+        """Whether the subscriber thread runs (following, or waiting for Kafka to subscribe): what
+        ``/healthz`` reports. It ends only on an error that following cannot recover from."""
         return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+
+    @property
+    def following(self) -> bool:
+        """Whether it is subscribed and following the model topics: what ``/readyz`` asks."""
+        return self.alive and self._ready.is_set() and self.error is None
 
     def stop(self) -> None:
         self._stop.set()
@@ -226,12 +236,28 @@ class ReplicaSubscriber:
         self.stop()
 
     def _run(self) -> None:
-        try:
-            self._loop()
-        except BaseException as exc:  # reported to start() or logged; the thread must not die silently
-            self.error = exc
-            logger.exception("replica subscriber stopped")
-            self._ready.set()
+        delay, waiting_since = 0.5, None
+        while not self._stop.is_set():
+            try:
+                self._loop()
+                return
+            except (KafkaUnavailable, KafkaException) as exc:
+                if self._ready.is_set():  # it had subscribed: a fatal consumer error, not an outage
+                    self._fail(exc)
+                    return
+                if waiting_since is None:  # Kafka is away at start: wait for it, one line
+                    waiting_since = time.monotonic()
+                    logger.warning("the model replica waits for Kafka to subscribe: %s", exc)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 10.0)
+            except BaseException as exc:  # reported to start() or logged; the thread must not die silently
+                self._fail(exc)
+                return
+
+    def _fail(self, exc: BaseException) -> None:
+        self.error = exc
+        logger.error("replica subscriber stopped: %s", exc, exc_info=exc)
+        self._ready.set()
 
     def _loop(self) -> None:
         settings = self._settings

@@ -43,7 +43,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from fastapi import FastAPI
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from freshrec.errors import ConfigError, StoreUnavailable
+from freshrec.errors import ConfigError, KafkaUnavailable, StoreUnavailable
 from freshrec.processes import die_with_parent
 from freshrec.settings import Settings
 from freshrec.store import Store
@@ -107,20 +107,22 @@ class ServingStack:
         self.server = api_server(self.app, settings, channel)
         self.store = store
         self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
 
     @property
     def url(self) -> str:
         return f"http://{self.settings.api_host}:{self.settings.api_port}"
 
     def start(self, *, timeout_s: float = 60.0, stop: threading.Event | None = None) -> ServingStack:
-        """Start the worker, the replica and the API in background threads; return when it listens
-        and its stream worker has partitions (or after ``timeout_s``, or as soon as ``stop`` is set)."""
-        self.subscriber.start()
-        worker = threading.Thread(target=self.worker.run, name="freshrec-serve-stream", daemon=True)
-        worker.start()
+        """Start the API, the model replica and the stream worker in background threads; return when
+        it listens and its stream worker has partitions (or after ``timeout_s``, or as soon as ``stop``
+        is set).
+
+        The API listens first: while the replica loads its model and the worker its state, or while
+        Kafka is away, ``/healthz`` answers and ``/readyz`` says what is missing. Neither the replica
+        nor the worker gives up on a Kafka that is not there yet: both wait for it."""
         api = threading.Thread(target=self.server.run, name="freshrec-api", daemon=True)
         api.start()
-        self._threads = [worker, api]
         deadline = time.monotonic() + timeout_s
         while not self.server.started:
             if not api.is_alive():
@@ -128,6 +130,10 @@ class ServingStack:
             if time.monotonic() > deadline:
                 raise ConfigError(f"the API did not start on {self.url} within {timeout_s:.0f} s")
             time.sleep(0.02)
+        self.subscriber.start(wait=False)
+        worker = threading.Thread(target=self._stream, name="freshrec-serve-stream", daemon=True)
+        worker.start()
+        self._threads = [worker, api]
         while not self.worker.assigned and time.monotonic() < deadline:
             if stop is not None and stop.is_set():
                 break
@@ -135,7 +141,22 @@ class ServingStack:
         logger.info("serving on %s", self.url)
         return self
 
+    def _stream(self) -> None:
+        """The stream worker, started again (from its checkpoint) while Kafka is away."""
+        delay, waiting_since = 0.5, None
+        while not self._stopping.is_set():
+            try:
+                self.worker.run()
+                return
+            except KafkaUnavailable as exc:
+                if waiting_since is None:
+                    waiting_since = time.monotonic()
+                    logger.warning("the stream worker waits for Kafka: %s", exc)
+                self._stopping.wait(delay)
+                delay = min(delay * 2, 10.0)
+
     def stop(self) -> None:
+        self._stopping.set()
         self.server.should_exit = True
         self.worker.stop()
         for thread in self._threads:
@@ -282,8 +303,9 @@ class ReadinessProbe:
     - **Model**: the replica holds a version, or none exists yet: no snapshot in the store and
       nothing on the model topics. A replica whose subscriber died is not ready either.
 
-    Kafka is asked at most once per ``cache_s`` (a probe per request would load the broker); the
-    answer in between is the last one. Thread-safe; blocking for up to a few timeouts.
+    Kafka is asked at most once per ``cache_s`` (a probe per request would load the broker). When
+    the answer is older, one request checks again while any other gets the last answer at once, so
+    a broker that is away slows one request a second, not every one. Thread-safe.
     """
 
     def __init__(
@@ -300,7 +322,7 @@ class ReadinessProbe:
         self._replica = replica
         self._subscriber = subscriber
         self._cache_s = cache_s
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held by the one request that checks
         self._last: tuple[float, Readiness] | None = None
         self._consumer: Consumer | None = None
         topics = settings.topics
@@ -310,14 +332,20 @@ class ReadinessProbe:
         self._model_topics = [topics.model_sparse, topics.model_dense]
 
     def __call__(self) -> Readiness:
-        with self._lock:
-            if self._last is not None and time.monotonic() - self._last[0] < self._cache_s:
-                return self._last[1]
+        last = self._last
+        if last is not None and time.monotonic() - last[0] < self._cache_s:
+            return last[1]
+        if not self._lock.acquire(blocking=last is None):
+            assert last is not None
+            return last[1]  # another request is checking: the last answer, at once
+        try:
             state = self._check()
             self._last = (time.monotonic(), state)
-            if not state.ready:
-                logger.debug("not ready: %s", state.reasons)
-            return state
+        finally:
+            self._lock.release()
+        if not state.ready:
+            logger.debug("not ready: %s", state.reasons)
+        return state
 
     def close(self) -> None:
         with self._lock:
@@ -377,11 +405,11 @@ class ReadinessProbe:
             )
         elif lag is None:
             reasons["stream"] = "how far behind the stream state is cannot be known without Kafka"
-        if self._subscriber is not None and not self._subscriber.alive:
+        if self._subscriber is not None and not self._subscriber.following:
             reasons["model"] = (
                 f"the model replica stopped following the model topics: {self._subscriber.error}"
                 if self._subscriber.error is not None
-                else "the model replica is not following the model topics (not started, or stopped)"
+                else "the model replica is not following the model topics yet (waiting for Kafka)"
             )
         elif self._replica.current is None:
             snapshots = self._replica.snapshots.versions() if self._replica.snapshots is not None else []

@@ -1,4 +1,5 @@
-"""Degraded, not dead: the lag sampler and the sink's dead letters come through broker outages.
+"""Degraded, not dead: the lag sampler, the sink's dead letters and a serving replica come through
+broker outages.
 
 The broker is a private one (own home, free ports) that the test stops and starts, so the session's
 broker stays up for the other tests.
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -22,6 +24,7 @@ from support import free_port_pair, wait_until
 from freshrec.broker import LocalBroker
 from freshrec.settings import Settings
 from freshrec.store import Store
+from publishers.server import ServingStack
 from streams.admin import ensure_topics
 from streams.lag import LagSampler
 from streams.sink import AuditSink
@@ -208,3 +211,33 @@ def _dlq_messages(settings: Settings) -> int:
         return sum(probe.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1] for p in partitions)
     finally:
         probe.close()
+
+
+def test_serve_started_while_the_broker_is_away_listens_at_once_and_gets_ready_when_it_returns(
+    private_broker: LocalBroker, make_settings: Callable[..., Settings]
+) -> None:
+    """A serving replica that starts during a broker outage answers `/healthz` at once and says on
+    `/readyz` that Kafka is the reason; neither its model replica nor its stream worker gives up,
+    and once the broker is back it becomes ready without a restart."""
+    port, _ = free_port_pair()
+    settings = make_settings(
+        kafka_bootstrap=private_broker.status().bootstrap,
+        api_port=port,
+        stream=make_settings().stream.model_copy(update={"batch_timeout_s": 0.05, "heads": ()}),
+    )
+    ensure_topics(settings)
+    private_broker.stop()
+    stack = ServingStack(settings)
+    started = time.monotonic()
+    stack.start(timeout_s=5)
+    try:
+        assert time.monotonic() - started < 10  # listening, not waiting for Kafka
+        with httpx.Client(base_url=stack.url, timeout=10) as http:
+            assert http.get("/healthz").status_code == 200
+            down = http.get("/readyz")
+            assert down.status_code == 503 and "kafka" in down.json()["reasons"], down.text
+            private_broker.start()
+            wait_until(lambda: http.get("/readyz").status_code == 200, timeout_s=120, interval_s=0.5)
+            assert stack.subscriber.following and stack.worker.assigned
+    finally:
+        stack.stop()

@@ -14,7 +14,6 @@ import pytest
 from confluent_kafka import Consumer
 from support import free_port_pair, wait_until
 
-from freshrec.errors import KafkaUnavailable
 from freshrec.settings import ServeSettings, Settings, StreamSettings, TrainSettings
 from freshrec.store import Store
 from learners.finetune import FineTuner
@@ -274,8 +273,9 @@ def test_an_event_kafka_does_not_acknowledge_is_a_503_not_a_202(
     assert response.status_code == 503, response.text
     assert response.json()["detail"].startswith("1 of 1 events not stored")
     assert producer.failed == 1
-    with pytest.raises(KafkaUnavailable, match="1 records failed delivery"):
-        producer.close()  # says so, and still releases the client (and its polling thread)
+    # The 503 told the client; a stop must not fail on it again (serve exited 1 on SIGTERM after an
+    # outage): the producer closes cleanly and releases its client and polling thread.
+    producer.close()
 
 
 def test_a_new_user_gets_k_items_after_old_data_and_a_few_fresh_clicks(settings: Settings) -> None:

@@ -214,8 +214,7 @@ def test_a_request_kafka_does_not_acknowledge_is_never_published_later(
     assert time.monotonic() - started < 5
     # Both records have their final report, a failure: librdkafka never sends them after it.
     assert (producer.delivered, producer.failed) == (0, 2)
-    with pytest.raises(Exception, match="failed delivery"):
-        producer.close()
+    producer.close()  # the 503 reported both failures: nothing is left to send or to raise
     decisions.close()
 
 
