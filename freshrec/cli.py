@@ -92,6 +92,29 @@ def _errors() -> Iterator[None]:
         _fail(str(exc))
 
 
+def _kafka(settings: Settings, *, check: bool = True) -> None:
+    """Make sure a command that needs Kafka has one. Without ``FRESHREC_KAFKA_BOOTSTRAP`` the local
+    broker is started when it is not running (as ``freshrec run`` does; ``freshrec broker stop``
+    stops it). A configured cluster is asked for its topics, with ``check``, and a cluster that does
+    not answer within 5 s ends the command with one line saying what to do (instead of librdkafka
+    retrying for ever); the long-running roles pass ``check=False`` and wait for it instead."""
+    from freshrec.broker import LocalBroker
+    from streams.admin import ensure_topics
+
+    with _errors():
+        if settings.uses_local_broker:
+            broker = LocalBroker(settings)
+            if not broker.status().running:
+                _err.print(
+                    f"starting the local Kafka broker at {settings.bootstrap} "
+                    "(`freshrec broker stop` stops it)",
+                    highlight=False,
+                )
+                broker.start()
+        elif check:
+            ensure_topics(settings, timeout_s=5.0)
+
+
 @contextmanager
 def _progress(description: str, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
     if not enabled:
@@ -198,6 +221,7 @@ def replay(dataset: str, limit: int | None, speed: float | None, as_json: bool) 
     from streams import replay as replay_module
 
     settings = _settings()
+    _kafka(settings)
     with _errors(), _progress(f"replay {dataset}", sys.stderr.isatty()) as progress:
         stats = replay_module.run(settings, dataset, limit=limit, speed=speed, progress=progress)
     result = {
@@ -228,6 +252,7 @@ def sink(until_idle: float | None, as_json: bool) -> None:
     from streams import sink as sink_module
 
     settings = _settings()
+    _kafka(settings, check=until_idle is not None)
     with _errors():
         store = open_store(settings)
         try:
@@ -274,6 +299,7 @@ def stream(until_idle: float | None, top: int, roles: tuple[str, ...], as_json: 
         except ValidationError as exc:
             _fail(settings_problem(exc, prefix="--role / FRESHREC_STREAM__"), code=EXIT_CONFIG)
         settings = settings.model_copy(update={"stream": stream_settings})
+    _kafka(settings, check=until_idle is not None)
     with _errors():
         worker, stats = worker_module.run(settings, until_idle_s=until_idle)
     counters = worker.state.counters
@@ -312,6 +338,7 @@ def eval_prequential(dataset: str, limit: int | None, as_json: bool) -> None:
     from streams import prequential
 
     settings = _settings()
+    _kafka(settings)
     with _errors(), _progress(f"prequential {dataset}", sys.stderr.isatty()) as progress:
         store = open_store(settings)
         try:
@@ -350,6 +377,8 @@ def train(offline: bool, dataset: str | None, max_epochs: int, once: bool, as_js
         _fail("--offline needs --dataset (ml-100k, ml-latest-small, amazon-games or a JSONL path)")
     if dataset is not None and not offline:
         _fail("--dataset is for --offline; the fine-tune reads the freshest events from ClickHouse")
+    if not offline:
+        _kafka(settings, check=once)
     with _errors():
         store = open_store(settings)
         try:
@@ -477,6 +506,7 @@ def serve(workers: int | None) -> None:
     from publishers import server
 
     settings = _settings()
+    _kafka(settings, check=False)  # serving waits for a cluster that is away; /readyz says so
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -516,6 +546,7 @@ def simulate(
     from publishers import simulator
 
     settings = _settings()
+    _kafka(settings)
     config = simulator.SimConfig(requests=requests, users=users)
     with _errors():
         summaries = simulator.run(
@@ -592,6 +623,7 @@ def model_rollback(to: int, as_json: bool) -> None:
     from publishers.snapshots import SnapshotStore
 
     settings = _settings()
+    _kafka(settings)
     with _errors():
         store = open_store(settings)
         try:
