@@ -759,12 +759,19 @@ def report(out: Path, since: datetime | None, until: datetime | None, as_json: b
 @click.option("--dataset", default="ml-100k", show_default=True, help="Replay this dataset first (if new).")
 @click.option("--no-replay", is_flag=True, help="Do not replay any dataset.")
 @click.option("--until-idle", type=click.FloatRange(min=0), help="Stop once drained for S seconds.")
+@click.option(
+    "--show",
+    type=click.IntRange(min=0),
+    default=0,
+    help="With --until-idle: then count the stream, fine-tune once and print N users' top 10.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def run(dataset: str, no_replay: bool, until_idle: float | None, as_json: bool) -> None:
+def run(dataset: str, no_replay: bool, until_idle: float | None, show: int, as_json: bool) -> None:
     """Everything in one process on the embedded default (local broker, chDB).
 
-    With --until-idle: replay, sink until drained, print what ClickHouse holds. Without: keep
-    running, and serve the HTTP API and fine-tune on schedule too, until Ctrl-C.
+    With --until-idle: replay, sink until drained, print what ClickHouse holds (and, with --show N,
+    close the loop once and print what N users are recommended). Without: keep running, and serve
+    the HTTP API and fine-tune on schedule too, until Ctrl-C.
     """
     from freshrec import embedded
 
@@ -775,10 +782,40 @@ def run(dataset: str, no_replay: bool, until_idle: float | None, as_json: bool) 
             dataset=None if no_replay else dataset,
             until_idle_s=until_idle,
             progress=progress,
+            show=show,
         )
     summary = {"replayed": result.replayed, "sink_consumed": result.sink.consumed, **result.summary}
+    shown: list[dict[str, Any]] = [
+        {"user_id": s.user_id, "history": s.history, "model_version": s.model_version, "items": s.items}
+        for s in result.shown
+    ]
     if as_json:
-        _emit_json(summary)
+        _emit_json(summary | ({"recommendations": shown} if show else {}))
         return
     _print_table(["", ""], [(k, v) for k, v in summary.items()], title="freshrec audit log (ClickHouse)")
-    _err.print('Query it: freshrec sql "SELECT type, count() FROM events GROUP BY type"')
+    for user in shown:
+        _print_table(
+            ["#", "item", "title", "source", "score", "explore"],
+            [
+                [
+                    n + 1,
+                    i["item_id"],
+                    i["title"],
+                    i["source"],
+                    f"{i['score']:.3f}",
+                    "yes" if i["explore"] else "",
+                ]
+                for n, i in enumerate(user["items"])
+            ],
+            title=(
+                f"top 10 for user {user['user_id']} ({user['history']} events; "
+                f"model v{user['model_version']})"
+            ),
+        )
+    _err.print('Query it: freshrec sql "SELECT type, count() FROM events GROUP BY type"', highlight=False)
+    if shown:
+        _err.print(
+            "Ask for more: `freshrec run` (no --until-idle) serves the API; then "
+            f"curl 'http://{settings.api_host}:{settings.api_port}/v1/recommendations/{shown[0]['user_id']}?k=10'",
+            highlight=False,
+        )

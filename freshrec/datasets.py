@@ -41,7 +41,7 @@ import orjson
 from freshrec.errors import DatasetError, InvalidEvent
 from freshrec.events import parse_ts
 
-__all__ = ["DATASETS", "NAMES", "Dataset", "DatasetSpec", "Record", "load_dataset", "locate"]
+__all__ = ["DATASETS", "NAMES", "Dataset", "DatasetSpec", "Record", "item_titles", "load_dataset", "locate"]
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +173,39 @@ def locate(
     _download(spec, target)
     _verify(target, spec)
     return target
+
+
+# The item catalogue beside a MovieLens ratings file: (file, column of the id, of the title, separator).
+_TITLES: Final[dict[str, tuple[str, int, int, str]]] = {
+    "ml-100k": ("u.item", 0, 1, "|"),
+    "ml-latest-small": ("movies.csv", 0, 1, ","),
+}
+
+
+def item_titles(name: str, *, datasets_dir: Path | None, cache_dir: Path) -> dict[str, str]:
+    """Item id → title for a MovieLens dataset whose catalogue file lies beside its ratings (as in
+    ``FRESHREC_DATASETS_DIR`` or an unzipped download); empty when there is none.
+
+    >>> item_titles("amazon-games", datasets_dir=None, cache_dir=Path("/nonexistent"))
+    {}
+    """
+    if name not in _TITLES:
+        return {}
+    try:
+        ratings = locate(name, datasets_dir=datasets_dir, cache_dir=cache_dir, download=False)
+    except DatasetError:
+        return {}
+    filename, id_column, title_column, separator = _TITLES[name]
+    for path in (ratings.parent / f"{filename}.gz", ratings.parent / filename):
+        if path.is_file():
+            text = _read_text(path)
+            if separator == ",":
+                rows: Iterator[list[str]] = csv.reader(io.StringIO(text))
+                next(rows, None)  # the header
+            else:
+                rows = (line.split(separator) for line in text.splitlines())
+            return {row[id_column]: row[title_column] for row in rows if len(row) > title_column}
+    return {}
 
 
 # ---------------------------------------------------------------------------- reading

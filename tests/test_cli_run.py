@@ -24,11 +24,28 @@ def test_run_replays_ml_100k_into_clickhouse_once(settings: Settings, tmp_path: 
     assert (first["users"], first["items"]) == (943, 1682)
     assert first["events_by_type"] == {"rating": 100_000}
     assert first["dead_letters"] == 0
-    # A second run finds the dataset stored and does not publish it again.
+    assert "recommendations" not in first  # only with --show
+    # A second run finds the dataset stored and does not publish it again; with --show it closes the
+    # loop once (stream, one fine-tune, the serving recommender) and shows two users' top 10.
+    small = {"FRESHREC_TRAIN__DIM": "16", "FRESHREC_TRAIN__BLOCKS": "1", "FRESHREC_TRAIN__EPOCHS": "1"}
     second = orjson.loads(
-        freshrec_cli("run", "--dataset", "ml-100k", "--until-idle", "2", "--json", env=env).stdout
+        freshrec_cli(
+            "run", "--dataset", "ml-100k", "--until-idle", "2", "--show", "2", "--json", env=env | small
+        ).stdout
     )
     assert second["replayed"] == 0 and second["events"] == 100_000 and second["dead_letters"] == 0
+    shown = second["recommendations"]
+    assert [len(user["items"]) for user in shown] == [10, 10]
+    for user in shown:
+        assert user["model_version"] == 1 and user["history"] >= 20  # every ml-100k user rated 20+
+        assert all(item["title"] for item in user["items"])  # titles from u.item beside u.data
+        assert {item["source"] for item in user["items"]} <= {
+            "transformer",
+            "cooccurrence",
+            "popular",
+            "explore",
+        }
+        assert len({item["item_id"] for item in user["items"]}) == 10
 
 
 def test_run_without_until_idle_hosts_the_api_and_the_fine_tune(settings: Settings, tmp_path: Path) -> None:
