@@ -12,7 +12,8 @@ baseline of the same split as the ratio's denominator. Settings (``--setting``, 
 
 ``--delta-window N`` measures instead what one fine-tune cycle publishes: a model warmed on all but
 the last ``N`` events (one epoch), then a cycle of ``--cycle-epochs`` passes over those ``N`` events'
-histories, as :class:`learners.finetune.FineTuner` does; it prints the rows touched and the rows a
+histories, as :class:`learners.finetune.FineTuner` does (``--softmax-over window``, its choice, or
+``catalogue``); it prints the rows touched and the rows a
 sparse delta ships at each ``--min-change`` (``delta_min_change``), for each ``--setting``.
 
 Common options override the model (``--max-len``, ``--dim``, ``--dropout``, ``--blocks``) and the
@@ -63,16 +64,25 @@ def interval(values: list[float]) -> tuple[float, float, float]:
 
 
 def delta_sizes(
-    dataset: str, config: SASRecConfig, *, window: int, epochs: int, thresholds: list[float], seed: int
+    dataset: str,
+    config: SASRecConfig,
+    *,
+    window: int,
+    epochs: int,
+    thresholds: list[float],
+    seed: int,
+    softmax_over: str,
+    batch_size: int,
 ) -> dict[str, Any]:
     """Rows touched and rows shipped by one fine-tune cycle over the last ``window`` events."""
     settings = Settings()
     data = load_dataset(dataset, datasets_dir=settings.datasets_dir, cache_dir=settings.cache_dir)
     records = sorted(data.records, key=lambda r: r.ts_ms or 0)
-    trainer = SequenceTrainer(config=config, train=TrainConfig(seed=seed))
+    trainer = SequenceTrainer(config=config, train=TrainConfig(seed=seed, batch_size=batch_size))
     warm = trainer.rows_for(sequences_from_records(records[:-window]))
     trainer.fit(warm, epochs=1)
     trainer.clear_touched()  # the warm model is what was published
+    trainer.train_config = replace(trainer.train_config, softmax_over=softmax_over)
     fresh = sequences_from_records(records[-window:])
     started = time.monotonic()
     trainer.fit(trainer.rows_for(fresh), epochs=epochs)
@@ -113,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="Print one JSON object at the end.")
     parser.add_argument("--delta-window", type=int, default=0, help="Measure a cycle's delta instead.")
     parser.add_argument("--cycle-epochs", type=int, default=2)
+    parser.add_argument("--softmax-over", choices=["catalogue", "window"], default="window")
     parser.add_argument("--min-change", type=float, nargs="+", default=[0.0, 1e-3, 3e-3, 1e-2, 3e-2])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
@@ -138,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                 epochs=args.cycle_epochs,
                 thresholds=args.min_change,
                 seed=args.seeds[0],
+                softmax_over=args.softmax_over,
+                batch_size=args.batch_size,
             )
             report["settings"][name] = sizes
             print(f"{name}: {sizes}", flush=True)
