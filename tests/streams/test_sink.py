@@ -25,6 +25,8 @@ from streams.producer import EventProducer
 
 NOW_MS = int(time.time() * 1000)
 
+KILL_SEED = int(os.environ.get("FRESHREC_FAULT_SEED", "3141"))
+
 
 def valid_event(i: int, *, prefix: str = "e") -> dict[str, object]:
     event: dict[str, object] = {
@@ -218,6 +220,8 @@ def test_sink_survives_sigkill_mid_stream_and_ends_exact(
     ensure_topics(settings)
 
     produced = threading.Event()
+    kill_rng = random.Random(KILL_SEED)  # when each kill lands; FRESHREC_FAULT_SEED replays a failure
+    print(f"kill seed {KILL_SEED}")  # shown by pytest with a failure
 
     def produce_slowly() -> None:
         rng = random.Random(7)
@@ -253,7 +257,7 @@ def test_sink_survives_sigkill_mid_stream_and_ends_exact(
                     timeout_s=120,
                 )
                 assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
-                time.sleep(random.uniform(0.0, 0.3))  # land anywhere inside a batch
+                time.sleep(kill_rng.uniform(0.0, 0.3))  # land anywhere inside a batch
             finally:
                 os.kill(process.pid, signal.SIGKILL)
                 process.wait()

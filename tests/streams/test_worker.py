@@ -30,6 +30,8 @@ from streams.worker import StreamWorker
 
 HOUR, DAY = 3_600, 86_400
 
+KILL_SEED = int(os.environ.get("FRESHREC_FAULT_SEED", "2718"))
+
 
 def stream_settings(make_settings: Callable[..., Settings], **stream: object) -> Settings:
     base = make_settings()
@@ -96,6 +98,8 @@ def test_kill_9_and_restart_end_exactly_like_an_uninterrupted_run(
         "FRESHREC_STREAM__BATCH_SIZE": "500",
     }
     rng = random.Random(11)
+    kill_rng = random.Random(KILL_SEED)  # when each kill lands; FRESHREC_FAULT_SEED replays a failure
+    print(f"kill seed {KILL_SEED}")  # shown by pytest with a failure
     base_ts = 1_700_000_000_000
     total = 30_000
     held = 2_000  # produced just before the last kill, so that it always leaves events to replay
@@ -143,13 +147,13 @@ def test_kill_9_and_restart_end_exactly_like_an_uninterrupted_run(
                 )
                 assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
                 if attempt < 2:
-                    time.sleep(random.uniform(0.1, 0.6))  # die anywhere between two checkpoints
+                    time.sleep(kill_rng.uniform(0.1, 0.6))  # die anywhere between two checkpoints
                 else:
                     # The last worker dies right after a burst, well inside one checkpoint interval
                     # (0.3 s): the final run must then replay what it had consumed or not yet read.
                     producer.join(timeout=120)
                     produce(total - held, total)
-                    time.sleep(random.uniform(0.0, 0.05))
+                    time.sleep(kill_rng.uniform(0.0, 0.05))
             finally:
                 if process.poll() is None:
                     os.kill(process.pid, signal.SIGKILL)
