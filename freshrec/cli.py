@@ -395,16 +395,14 @@ def train(offline: bool, dataset: str | None, max_epochs: int, once: bool, as_js
 
 def _train_offline(settings: Settings, store: Any, dataset: str, max_epochs: int, as_json: bool) -> None:
     from learners import offline
-    from learners.sasrec import SASRecConfig
-    from learners.training import TrainConfig
+    from learners.training import configs_from_settings
 
-    t = settings.train
-    config = SASRecConfig(max_len=t.max_len, dim=t.dim, blocks=t.blocks, negatives=t.negatives)
+    config, train = configs_from_settings(settings.train, max_epochs=max_epochs)
     result = offline.run(
         settings,
         dataset,
         config=config,
-        train=TrainConfig(lr=t.lr, max_epochs=max_epochs, capacity=t.capacity),
+        train=train,
         store=store,
         on_epoch=lambda epoch, loss, valid: _err.print(
             f"epoch {epoch}: loss {loss:.4f}, valid HR@10 {valid.hr:.4f} NDCG@10 {valid.ndcg:.4f}",

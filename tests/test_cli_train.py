@@ -60,7 +60,7 @@ def test_train_once_publishes_and_model_commands_list_and_roll_back(
 
 def test_train_offline_prints_the_promised_json(settings: Settings, tmp_path: Path) -> None:
     env = cli_env(settings, dsn=f"chdb://{tmp_path / 'offline-db'}")
-    env.update({"FRESHREC_TRAIN__DIM": "16", "FRESHREC_TRAIN__BLOCKS": "1"})
+    env.update({"FRESHREC_TRAIN__DIM": "16", "FRESHREC_TRAIN__BLOCKS": "1", "FRESHREC_TRAIN__MAX_LEN": "50"})
     out = orjson.loads(
         freshrec_cli(
             "train", "--offline", "--dataset", "ml-100k", "--max-epochs", "2", "--json", env=env

@@ -30,7 +30,9 @@ def stream(n: int, seed: int = 0, users: int = 300, items: int = 200) -> list[Ev
     for i in range(n):
         kind = rng.choice(kinds)
         value = float(rng.randint(1, 5)) if kind == "rating" else None
-        context = {"device": rng.choice(["ios", "web"])} if i % 3 == 0 else None
+        context: dict[str, str | int | float | bool | None] | None = (
+            {"device": rng.choice(["ios", "web"])} if i % 3 == 0 else None
+        )
         out.append(
             Event(
                 f"e{i}", f"u{rng.randrange(users)}", f"i{rng.randrange(items)}", kind, i, value, None, context
