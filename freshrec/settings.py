@@ -188,12 +188,12 @@ class TrainSettings(BaseModel):
     snapshots_keep: int = Field(10, ge=1, description="Whole versions kept for healing and rollback.")
     capacity: int = Field(1_000_000, ge=1, description="Items with an embedding row; stale rows are evicted.")
     max_len: int = Field(
-        200,
+        50,
         ge=2,
         le=1_024,
-        description="History length the transformer attends over (200 with the full softmax: ml-100k "
-        "HR@10 0.169 against 0.140 at 50 sampled, docs/benchmarks.md; a 200-item state costs serving "
-        "about 6x a 50-item one).",
+        description="History length the transformer attends over. Serving's user state costs about "
+        "linearly in it, and the stream keeps FRESHREC_STREAM__HISTORY_LEN items per user: raise both "
+        "together (docs/benchmarks.md has offline runs at 200).",
     )
     dim: int = Field(64, ge=8, le=1_024, description="Embedding size.")
     blocks: int = Field(2, ge=1, le=12, description="Transformer blocks.")
