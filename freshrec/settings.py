@@ -284,7 +284,7 @@ class ServeSettings(BaseModel):
         "head's re-rank (mf); leaving one out is how the replay measures what it adds.",
     )
     fusion_learning_rate: float = Field(
-        0.05, gt=0, le=10, description="AdaGrad step of the learned fusion's weights."
+        0.2, gt=0, le=10, description="AdaGrad step of the learned fusion's weights."
     )
     fusion_pending_users: int = Field(
         4_096,

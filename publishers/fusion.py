@@ -132,7 +132,7 @@ class OnlineFusion:
     or the new weights, never half an update), and learners are serialised by a lock.
     """
 
-    def __init__(self, *, learning_rate: float = 0.05, l2: float = 1e-4) -> None:
+    def __init__(self, *, learning_rate: float = 0.2, l2: float = 1e-4) -> None:
         self.learning_rate = learning_rate
         self.l2 = l2
         self.weights: FloatArray = _prior()
@@ -243,7 +243,7 @@ class LearnedFusion:
     """What a serving process runs per request: learn from the user's previous request if its label
     has arrived, then rank this request's candidates, then keep them until their own label comes."""
 
-    def __init__(self, *, learning_rate: float = 0.05, pending_users: int = 4_096) -> None:
+    def __init__(self, *, learning_rate: float = 0.2, pending_users: int = 4_096) -> None:
         self.model = OnlineFusion(learning_rate=learning_rate)
         self.pending = PendingRequests(capacity=pending_users)
 

@@ -75,7 +75,7 @@ def _hits(ranks: list[int | None]) -> np.ndarray:
 
 def test_the_learned_fusion_down_weights_a_noise_source_and_beats_a_fixed_fusion() -> None:
     stream = _stream(seed=1, requests=3000)
-    fusion = LearnedFusion(learning_rate=0.05)
+    fusion = LearnedFusion()  # as served: the default step
     _, learned = _replay(fusion, stream)
     fixed = _rrf_ranks(stream)
     later = slice(1000, None)  # once it has learned
