@@ -110,10 +110,12 @@ class StreamState:
     ) -> None:
         self.counters = counters
         self.recent = recent
-        self.histories = histories or UserHistories()
-        self.cooccurrence = cooccurrence or CoOccurrence()
-        self.clicks = clicks or ClickThrough()
-        self.heads = heads or {}
+        # ``is None``, not ``or``: an empty state is falsy (it has a length), and ``or`` replaced the
+        # configured one (history length, co-occurrence threshold) with the defaults.
+        self.histories = histories if histories is not None else UserHistories()
+        self.cooccurrence = cooccurrence if cooccurrence is not None else CoOccurrence()
+        self.clicks = clicks if clicks is not None else ClickThrough()
+        self.heads = heads if heads is not None else {}
         self.offsets: dict[tuple[str, int], int] = {}  # next offset to read, per (topic, partition)
 
     def state_dict(self) -> dict[str, Any]:

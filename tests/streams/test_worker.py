@@ -280,3 +280,17 @@ def test_roles_split_into_groups_whose_union_is_one_full_worker(
     assert heads.heads["mf"].size == full.state.heads["mf"].size
     with pytest.raises(ConfigError, match="keeps the 'heads' role"):
         StateReader(parts["counters"]).score("1", "50", "mf")
+
+
+def test_the_configured_history_length_and_cooccurrence_threshold_are_kept(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """An empty state is falsy (it has a length): the worker once swapped the configured ones for
+    the defaults, so FRESHREC_STREAM__HISTORY_LEN and COOCCURRENCE_MIN_COUNT did nothing."""
+    base = make_settings()
+    settings = make_settings(
+        stream=base.stream.model_copy(update={"history_len": 7, "cooccurrence_min_count": 3})
+    )
+    state = StreamWorker(settings).state
+    assert state.histories.max_len == 7
+    assert state.cooccurrence.min_count == 3
