@@ -646,6 +646,63 @@ def model_rollback(to: int, as_json: bool) -> None:
         _err.print(f"published v{published.version}: the parameters of v{to}", highlight=False)
 
 
+@eval_.command("replay")
+@click.argument("dataset")
+@click.option("--limit", type=click.IntRange(min=1), help="Replay only the first N events.")
+@click.option(
+    "--sample",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Share of the events scored (one seeded subset for every method); every event is learned.",
+)
+@click.option(
+    "--finetune-every",
+    type=click.IntRange(min=0),
+    default=10_000,
+    show_default=True,
+    help="Events between two fine-tunes of the transformer, in event order (0: never).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample and of exploration.")
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    default="replay.png",
+    show_default=True,
+    help="Where the plot of HR@10 over event time goes.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_replay(
+    dataset: str, limit: int | None, sample: float, finetune_every: int, seed: int, plot: str, as_json: bool
+) -> None:
+    """HR@10 / NDCG@10 of the served list and of each source, each event scored before it is learned."""
+    from freshrec.store import open_store
+    from publishers import replay_eval
+
+    settings = _settings()
+    _kafka(settings)
+    with _errors(), _progress(f"eval replay {dataset}", sys.stderr.isatty()) as progress:
+        config = replay_eval.ReplayConfig(finetune_every=finetune_every, sample=sample, seed=seed)
+        store = open_store(settings)
+        try:
+            result = replay_eval.run(
+                settings, store, dataset, limit=limit, config=config, plot=Path(plot), progress=progress
+            )
+        finally:
+            store.close()
+    if as_json:
+        keys = ("dataset", "events", "scored", "methods", "paired", "over_time")
+        _emit_json({k: result[k] for k in keys})
+        return
+    rows = [
+        (m, f"{v['hr@10']:.4f}", f"[{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}]", f"{v['ndcg@10']:.4f}")
+        for m, v in result["methods"].items()
+    ]
+    title = f"replay {dataset}: {result['scored']:,} of {result['events']:,} events scored"
+    _print_table(["method", "HR@10", "95% CI", "NDCG@10"], rows, title=title)
+    _err.print(f"plot: {plot}", highlight=False)
+
+
 @eval_.command("ips")
 @click.option("--policy", help="Only responses served by this policy (uncertainty, epsilon, none).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")

@@ -206,3 +206,27 @@ def test_the_frozen_transformer_never_changes_and_the_replica_follows_each_finet
         assert lo <= result["methods"][name]["hr@10"] <= hi
     assert plot.stat().st_size > 10_000
     assert np.isfinite(result["paired"]["transformer - transformer_frozen"]["hr@10"])
+
+
+def test_the_cli_prints_the_promised_json(settings: Settings, tmp_path: Path) -> None:
+    from support import cli_env, freshrec_cli
+
+    path = _write(tmp_path / "small.jsonl", _popular_stream(300))
+    env = cli_env(settings, dsn=f"chdb://{tmp_path / 'db'}") | {
+        "FRESHREC_TRAIN__DIM": "16",
+        "FRESHREC_TRAIN__BLOCKS": "1",
+        "FRESHREC_TRAIN__MAX_LEN": "20",
+    }
+    plot = tmp_path / "replay.png"
+    out = orjson.loads(
+        freshrec_cli(
+            "eval", "replay", str(path), "--finetune-every", "0", "--plot", str(plot), "--json", env=env
+        ).stdout
+    )
+    assert {"dataset", "events", "scored", "methods", "over_time"} <= set(out)
+    assert (out["events"], out["scored"]) == (300, 300)
+    assert set(out["methods"]) >= {"popularity", "cooccurrence", "served", "served_explore"}
+    for name, method in out["methods"].items():
+        low, high = method["ci95"]
+        assert 0 <= low <= method["hr@10"] <= high <= 1 and 0 <= method["ndcg@10"] <= method["hr@10"], name
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
