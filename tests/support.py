@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import orjson
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from freshrec.settings import Settings
 
@@ -96,3 +97,19 @@ def chdb_path_held(path: Path) -> Iterator[None]:
     finally:
         holder.kill()
         holder.communicate()
+
+
+def sink_committed(settings: Settings) -> int:
+    """Sum of the audit sink group's committed offsets on ``events`` (what the sink has stored),
+    read with a short-lived consumer; -1 while the group's coordinator moves (after a broker
+    restart): ask again."""
+    partitions = [TopicPartition(settings.topics.events, p) for p in range(settings.broker_partitions)]
+    probe = Consumer(
+        settings.kafka_config(**{"group.id": settings.sink.group_id, "enable.auto.commit": False})
+    )
+    try:
+        return sum(max(tp.offset, 0) for tp in probe.committed(partitions, timeout=10))
+    except KafkaException:
+        return -1
+    finally:
+        probe.close()

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import orjson
 import pytest
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
-from support import cli_env, free_port_pair, freshrec_cli, sql_json, wait_until
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+from support import cli_env, free_port_pair, freshrec_cli, sink_committed, sql_json, wait_until
 
 from freshrec.broker import LocalBroker
 from freshrec.settings import Settings, SinkSettings, default_datasets_dir
@@ -71,20 +71,6 @@ def _kill_broker(broker: LocalBroker) -> None:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)  # started by this process: reap it
     broker.stop()
-
-
-def _committed(settings: Settings) -> int:
-    """Sum of the sink group's committed offsets on ``events`` (what the sink has stored)."""
-    partitions = [TopicPartition(settings.topics.events, p) for p in range(settings.broker_partitions)]
-    probe = Consumer(
-        settings.kafka_config(**{"group.id": settings.sink.group_id, "enable.auto.commit": False})
-    )
-    try:
-        return sum(max(tp.offset, 0) for tp in probe.committed(partitions, timeout=10))
-    except KafkaException:  # the group's coordinator is still moving after a restart: ask again
-        return -1
-    finally:
-        probe.close()
 
 
 def _messages_on_topic(settings: Settings) -> int:
@@ -160,12 +146,12 @@ def test_broker_restarts_under_traffic_lose_and_double_nothing(
     def progress(after: int) -> int:
         """Wait until the sink stores more than ``after`` (it is consuming); its new position."""
         try:
-            wait_until(lambda: _committed(settings) > after, timeout_s=120)
+            wait_until(lambda: sink_committed(settings) > after, timeout_s=120)
         except AssertionError as exc:
             raise AssertionError(
                 f"seed {seed}, outages {plan}: the sink stored nothing new; it said:\n{sink_said()}"
             ) from exc
-        return _committed(settings)
+        return sink_committed(settings)
 
     committed = 0
     try:

@@ -19,7 +19,7 @@ import httpx
 import orjson
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
-from support import free_port_pair, wait_until
+from support import free_port_pair, sink_committed, wait_until
 
 from freshrec.broker import LocalBroker
 from freshrec.settings import Settings
@@ -171,7 +171,7 @@ def test_the_sink_holds_its_dead_letters_through_a_broker_outage_longer_than_a_m
         wait_until(
             lambda: _logged(caplog, "acknowledged the dead letters after") or bool(errors), timeout_s=120
         )
-        wait_until(lambda: committed(settings) == 5 or bool(errors), timeout_s=60)
+        wait_until(lambda: sink_committed(settings) == 5 or bool(errors), timeout_s=60)
     finally:
         sink.stop()
         thread.join(60)
@@ -190,17 +190,6 @@ def _event(event_id: str) -> bytes:
 
 def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
     return any(text in r.getMessage() for r in caplog.records if r.name == "streams.sink")
-
-
-def committed(settings: Settings) -> int:
-    partitions = [TopicPartition(settings.topics.events, p) for p in range(settings.broker_partitions)]
-    probe = Consumer(
-        settings.kafka_config(**{"group.id": settings.sink.group_id, "enable.auto.commit": False})
-    )
-    try:
-        return sum(max(tp.offset, 0) for tp in probe.committed(partitions, timeout=10))
-    finally:
-        probe.close()
 
 
 def _dlq_messages(settings: Settings) -> int:

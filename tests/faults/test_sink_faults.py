@@ -16,8 +16,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from confluent_kafka import Consumer, TopicPartition
-from support import cli_env, freshrec_cli, sql_json, wait_until
+from support import cli_env, freshrec_cli, sink_committed, sql_json, wait_until
 
 from freshrec.faults import FAULT_EXIT_STATUS
 from freshrec.settings import Settings
@@ -131,20 +130,20 @@ def test_the_sink_rides_out_a_clickhouse_outage_and_stores_exactly_once(
     events = store.table("events")
     try:
         wait_until(lambda: store.rows(f"SELECT count() FROM {events}") == [(300,)], timeout_s=60)
-        wait_until(lambda: committed(settings) == 300, timeout_s=30)
+        wait_until(lambda: sink_committed(settings) == 300, timeout_s=30)
 
         store.command(f"DETACH TABLE {events}")
         produce(settings, during)
         wait_until(lambda: sink.retry.retries >= 5 or bool(errors), timeout_s=60)
         assert not errors, errors
         time.sleep(1.5)  # past the sink's 1 s auto-commit: nothing of the unstored batch is committed
-        assert committed(settings) == 300
+        assert sink_committed(settings) == 300
 
         store.command(f"ATTACH TABLE {events}")
         back = time.monotonic()
         wait_until(lambda: store.rows(f"SELECT count() FROM {events}") == [(1000,)], timeout_s=60)
         recovery_s = time.monotonic() - back
-        wait_until(lambda: committed(settings) == 1000, timeout_s=30)
+        wait_until(lambda: sink_committed(settings) == 1000, timeout_s=30)
     finally:
         sink.stop()
         thread.join(60)
@@ -160,15 +159,3 @@ def test_the_sink_rides_out_a_clickhouse_outage_and_stores_exactly_once(
     assert sum("ClickHouse is back" in r.getMessage() for r in records) == 1
     assert sink.retry.outages == 1
     print(f"sink stored the held batch {recovery_s:.2f} s after ClickHouse accepted writes again")
-
-
-def committed(settings: Settings) -> int:
-    """Sum of the sink group's committed offsets on `events`."""
-    partitions = [TopicPartition(settings.topics.events, p) for p in range(settings.broker_partitions)]
-    probe = Consumer(
-        settings.kafka_config(**{"group.id": settings.sink.group_id, "enable.auto.commit": False})
-    )
-    try:
-        return sum(max(tp.offset, 0) for tp in probe.committed(partitions, timeout=10))
-    finally:
-        probe.close()

@@ -1,8 +1,8 @@
 """kill -9 of ``freshrec train --once`` at seeded points of a publish: the model chain stays whole.
 
-Six kills, at points the seed orders (each at least once): inside a publish (after its first chunk reached Kafka,
-after the commit, after the snapshot was stored, after the record was written, on the sparse or the
-dense publish of the cycle), or at a random moment of the whole run. Then one clean cycle. What
+Six kills, at points the seed orders (each at least once): inside a publish (after its first chunk
+reached Kafka, after the commit, after the snapshot was stored, after the record was written, on the
+sparse or the dense publish of the cycle), or at a random moment of the whole run. Then one clean cycle. What
 must hold, whatever was killed when:
 
 - ``model_updates`` lists 1..N with no gap, and every real version's parent is a listed real version

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import orjson
-from confluent_kafka import Consumer, TopicPartition
-from support import cli_env, freshrec_cli, sql_json, wait_until
+from confluent_kafka import Consumer
+from support import cli_env, freshrec_cli, sink_committed, sql_json, wait_until
 
 from freshrec.settings import Settings
 from freshrec.store import Store
@@ -241,7 +241,6 @@ def test_sink_survives_sigkill_mid_stream_and_ends_exact(
 
     producer_thread = threading.Thread(target=produce_slowly)
     producer_thread.start()
-    committed = _committed_counter(settings)
     kills = 0
     try:
         for target in (3_000, 12_000, 25_000):
@@ -253,7 +252,7 @@ def test_sink_survives_sigkill_mid_stream_and_ends_exact(
             )
             try:
                 wait_until(
-                    lambda t=target, p=process: committed() >= t or p.poll() is not None,  # type: ignore[misc]
+                    lambda t=target, p=process: sink_committed(settings) >= t or p.poll() is not None,  # type: ignore[misc]
                     timeout_s=120,
                 )
                 assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
@@ -292,19 +291,3 @@ def test_sink_survives_sigkill_mid_stream_and_ends_exact(
     }
     ids = {row["event_id"] for row in sql_json(f"SELECT event_id FROM {db}.events", env=env)}
     assert ids == {f"k{i}" for i in range(total_valid)}
-
-
-def _committed_counter(settings: Settings) -> Callable[[], int]:
-    """Sum of the sink group's committed offsets on `events`, read with a short-lived consumer."""
-    partitions = [TopicPartition(settings.topics.events, p) for p in range(settings.broker_partitions)]
-
-    def committed() -> int:
-        probe = Consumer(
-            settings.kafka_config(**{"group.id": settings.sink.group_id, "enable.auto.commit": False})
-        )
-        try:
-            return sum(max(tp.offset, 0) for tp in probe.committed(partitions, timeout=10))
-        finally:
-            probe.close()
-
-    return committed
