@@ -23,7 +23,7 @@ from freshrec.store import Store, open_store
 from streams import replay, sink
 from streams.replay import Progress
 
-__all__ = ["RunResult", "Shown", "run", "summary"]
+__all__ = ["RunResult", "Shown", "first_recommendations", "run", "summary"]
 
 logger = logging.getLogger(__name__)
 

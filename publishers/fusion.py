@@ -106,7 +106,7 @@ def candidate_features(
     return list(index), x, best
 
 
-def mf_column(x: Float32Array, rows: npt.NDArray[np.int64], scores: Sequence[float]) -> None:
+def _mf_column(x: Float32Array, rows: npt.NDArray[np.int64], scores: Sequence[float]) -> None:
     """Write the MF head's scores of ``rows`` into ``x``'s MF column, z-scored over those rows (a
     head's scale drifts as it learns; its order within the request is what carries over)."""
     values = np.asarray(scores, dtype=np.float32)
@@ -272,7 +272,7 @@ class LearnedFusion:
             top = np.argsort(-scores, kind="stable")[:shortlist]
             head_scores = head([names[i] for i in top.tolist()])
             if head_scores is not None:
-                mf_column(x, top, head_scores)
+                _mf_column(x, top, head_scores)
                 scores = model.score(x)
         self.pending.keep(user_id, names, x, history[-1] if history else None)
         values = scores.tolist()

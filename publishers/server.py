@@ -57,7 +57,15 @@ from streams.producer import EventProducer
 from streams.reader import StateReader
 from streams.worker import StreamWorker
 
-__all__ = ["BoundedHttpTools", "ReadinessProbe", "ServingStack", "api_producers", "api_server", "serve"]
+__all__ = [
+    "BoundedHttpTools",
+    "ReadinessProbe",
+    "ServingStack",
+    "api_producers",
+    "api_server",
+    "bounded_http",
+    "serve",
+]
 
 logger = logging.getLogger(__name__)
 
