@@ -138,7 +138,14 @@ class StreamSettings(BaseModel):
         description="Items with counters. At the cap the least recently seen items (1% at a time) are "
         "cleared to make room for new ones.",
     )
-    history_len: int = Field(50, ge=1, le=10_000, description="Recent events kept per user.")
+    history_len: int = Field(
+        200,
+        ge=1,
+        le=10_000,
+        description="Recent events kept per user: the transformer's input (its last max_len) and the "
+        "items a user is not recommended again. About 115 bytes per kept event, at most "
+        "max_users x history_len events.",
+    )
     user_ttl_s: float | None = Field(
         None, gt=0, description="Forget users idle this long in event time (off: exact replays)."
     )

@@ -71,11 +71,12 @@ def test_counters_after_a_replay_equal_the_dataset(make_settings: Callable[..., 
         assert {item: counters.windowed(item, window) for item in expected} == {
             item: in_window.get(item, 0) for item in expected
         }
-    # Each user's history is their last 50 events in replay (timestamp) order.
+    # Each user's history is their last history_len events in replay (timestamp) order.
     by_user: dict[str, list[str]] = {}
     for e in events:
         by_user.setdefault(e["user_id"], []).append(e["item_id"])
-    assert all(worker.state.histories.items(user) == seq[-50:] for user, seq in by_user.items())
+    keep = settings.stream.history_len
+    assert all(worker.state.histories.items(user) == seq[-keep:] for user, seq in by_user.items())
     # The checkpoint on exit holds the same state and the offsets it reflects.
     saved = StreamWorker(settings).state
     saved.load_state_dict(pickle.loads(worker.store.path.read_bytes()))
