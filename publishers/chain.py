@@ -191,6 +191,7 @@ def _messages(
                 "enable.auto.commit": False,
                 "isolation.level": isolation,
                 "enable.partition.eof": True,
+                "fetch.wait.max.ms": 10,  # the end is reached when a fetch comes back empty: soon
                 "fetch.max.bytes": 64 << 20,
                 "log_level": 3,
             }
@@ -211,7 +212,7 @@ def _messages(
                     f"could not read the model topics to their end within {timeout_s:.0f} s "
                     f"({isolation}; done: {sorted(ended)}). Is Kafka at {settings.bootstrap} up?"
                 )
-            for message in consumer.consume(500, 0.2):
+            for message in consumer.consume(500, 0.05):
                 error = message.error()
                 if error is not None:
                     if error.code() == KafkaError._PARTITION_EOF:

@@ -234,7 +234,9 @@ class Publisher:
         this publisher last left, unless ``adopt`` (at start, when it has none yet).
         """
         mine = 0 if self.latest is None else self.latest.version
-        head = self.snapshots.latest()
+        stored = self.snapshots.latest_version()
+        # This publisher's own head is in memory: read the store only when another one moved it.
+        head = self.latest if stored is not None and stored == mine else self.snapshots.latest()
         recorded = self._recorded()
         since = None if head is None else head.created_at_ms - SYNC_SLACK_MS
         if recorded is not None:
