@@ -264,10 +264,13 @@ QUERIES: dict[str, Query] = {
         "table",
     ),
     "prequential": Query(
-        "Prequential HR@10 and NDCG@10 by run",
-        "Streaming (test-then-train) evaluation results as they were recorded.",
-        "SELECT finished_at AS time, dataset, method, events, hr, ndcg FROM {eval_runs} FINAL "
-        f"WHERE {_where('finished_at')} ORDER BY finished_at, method",
+        "Evaluations: HR@10 and NDCG@10 by run (prequential, replay)",
+        "Streaming evaluations as they were recorded: test-then-train of the stream's methods "
+        "(prequential), and the replay of the whole recommender with the served list (replay), "
+        "with its 95% interval of HR@10 where the run recorded one.",
+        "SELECT finished_at AS time, protocol, dataset, method, events, hr, "
+        "JSONExtract(params, 'ci95', 'Array(Float64)') AS hr_ci95, ndcg FROM {eval_runs} FINAL "
+        f"WHERE {_where('finished_at')} ORDER BY finished_at, protocol, method",
         "eval_runs.finished_at",
         "table",
     ),

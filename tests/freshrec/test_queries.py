@@ -234,4 +234,6 @@ def test_model_and_training_queries_read_what_was_recorded(store: Store) -> None
         (kind, status, events, loss, version) for _, kind, _, status, events, loss, _, _, version in runs
     ] == [("finetune", "ok", 10, 1.5, 2)]
     _, evals = queries.run(store, "prequential", **since)
-    assert [(d, m, hr) for _, d, m, _, hr, _ in evals] == [("ml-100k", "popularity", 0.1)]
+    assert [(p, d, m, hr, ci) for _, p, d, m, _, hr, ci, _ in evals] == [
+        ("prequential", "ml-100k", "popularity", 0.1, [])  # no interval recorded: empty
+    ]

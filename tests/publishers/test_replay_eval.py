@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,13 @@ def test_popularity_equals_an_independent_count_and_eval_prequential(
     for method, protocol, events, hr, params in rows:
         assert (protocol, events, hr) == ("replay", 400, result["methods"][method]["hr@10"])
         assert orjson.loads(params)["ci95"] == result["methods"][method]["ci95"]
+    # The dashboards' evaluation panel shows the run with its protocol and interval.
+    from freshrec import queries
+
+    span = {"since": datetime(2000, 1, 1, tzinfo=UTC), "until": datetime(2100, 1, 1, tzinfo=UTC)}
+    _, panel = queries.run(store, "prequential", **span)
+    shown = {m: (p, ci) for _, p, _, m, _, _, ci, _ in panel}
+    assert shown["served"] == ("replay", pytest.approx(result["methods"]["served"]["ci95"]))
     assert orjson.dumps({k: result[k] for k in ("dataset", "events", "scored", "methods", "over_time")})
 
 
