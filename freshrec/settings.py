@@ -38,7 +38,7 @@ def _xdg(var: str, fallback: str) -> Path:
 
 
 def default_datasets_dir() -> Path | None:
-    """``../shared/data`` beside the working directory or the source checkout, when it exists."""
+    """The datasets folder ``../shared/data`` beside the working directory or the checkout, if it exists."""
     candidates = [
         Path.cwd().parent / "shared" / "data",
         Path(__file__).resolve().parents[2] / "shared" / "data",
@@ -450,7 +450,7 @@ class Settings(BaseSettings):
     )
     datasets_dir: Path | None = Field(
         default_factory=default_datasets_dir,
-        description="Where dataset files are read from (default ../shared/data when it exists).",
+        description="Where datasets are read from (default ../shared/data when it exists).",
     )
     api_host: str = Field("127.0.0.1", description="HTTP API address.")
     api_port: int = Field(8000, ge=1, le=65535, description="HTTP API port.")
