@@ -126,6 +126,21 @@ QUERIES: dict[str, Query] = {
         values=("per_minute",),
         unit="events/min",
     ),
+    "events_received": Query(
+        "Events received per minute by type",
+        "Ingestion time: what the system received and stored, whatever the events' own time (a "
+        "replay of 1997 ratings shows here as it is stored). Rate per minute over each bucket.",
+        f"SELECT {_BUCKET.format(col='ingested_at')} AS time, type, "
+        "count() * 60 / {bucket_s:UInt32} AS per_minute "
+        f"FROM {{events}} FINAL WHERE {_where('ingested_at')} GROUP BY time, type ORDER BY time, type",
+        "events.ingested_at",
+        "timeseries",
+        _SERIES,
+        x="time",
+        series="type",
+        values=("per_minute",),
+        unit="events/min",
+    ),
     "dead_letter_rate": Query(
         "Dead letters per accepted event",
         "Bad messages over events accepted in the same bucket of ingestion time.",

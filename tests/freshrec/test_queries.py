@@ -237,3 +237,23 @@ def test_model_and_training_queries_read_what_was_recorded(store: Store) -> None
     assert [(p, d, m, hr, ci) for _, p, d, m, _, hr, ci, _ in evals] == [
         ("prequential", "ml-100k", "popularity", 0.1, [])  # no interval recorded: empty
     ]
+
+
+def test_a_replay_of_old_events_shows_in_the_ingestion_panel_of_the_last_hours(store: Store) -> None:
+    """Dashboards open on the last few hours: events from 1997 stored now appear in the ingestion-time
+    panel there, and not in the event-time one (which shows them at their own time)."""
+    now = datetime.now(UTC)
+    old = datetime(1997, 11, 20, tzinfo=UTC)
+    rows = [
+        [f"r{n}" for n in range(3)], ["u"] * 3, ["i"] * 3, ["rating", "rating", "view"], [old] * 3,
+        [4.0] * 3, [None] * 3, ["{}"] * 3, ["events"] * 3, [0] * 3, [0, 1, 2], [now] * 3, [now] * 3,
+    ]  # fmt: skip
+    store.insert("events", rows, column_names=sink.EVENT_COLUMNS)
+    last_hours = {"since": now - timedelta(hours=6), "until": now + timedelta(minutes=1), "bucket_s": 60}
+    _, received = queries.run(store, "events_received", **last_hours)
+    assert sorted((kind, round(rate)) for _, kind, rate in received) == [
+        ("rating", 2),
+        ("view", 1),
+    ]  # per minute
+    _, by_event_time = queries.run(store, "events_by_type", **last_hours)
+    assert by_event_time == []
