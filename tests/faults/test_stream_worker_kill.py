@@ -118,7 +118,12 @@ def test_seeded_kill_9s_of_the_stream_worker_end_like_an_uninterrupted_run(
         for attempt in range(KILLS):
             last = attempt == KILLS - 1
             during_start = not last and rng.random() < 0.3
-            delay = rng.uniform(0.5, 4.0) if during_start else rng.uniform(0.0, 0.6)
+            if during_start:
+                delay = rng.uniform(0.5, 4.0)
+            elif last:  # inside one checkpoint interval (0.3 s) after the burst, so it is left to replay
+                delay = rng.uniform(0.0, 0.05)
+            else:
+                delay = rng.uniform(0.0, 0.6)
             plan.append(f"{'start' if during_start else 'after-checkpoint'}+{delay:.2f}s")
             seen = checkpoint.stat().st_mtime_ns if checkpoint.exists() else 0
             process = subprocess.Popen(
