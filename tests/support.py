@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -113,3 +114,19 @@ def sink_committed(settings: Settings) -> int:
         return -1
     finally:
         probe.close()
+
+
+def started(call: Callable[[], object]) -> tuple[threading.Thread, list[BaseException]]:
+    """``call`` running on a started thread, and the list any exception it raises lands in (a test
+    asserts it stays empty; a thread's exception would otherwise only be printed)."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, errors

@@ -19,7 +19,7 @@ import httpx
 import orjson
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
-from support import free_port_pair, sink_committed, wait_until
+from support import free_port_pair, sink_committed, started, wait_until
 
 from freshrec.broker import LocalBroker
 from freshrec.settings import Settings
@@ -139,17 +139,9 @@ def test_the_sink_holds_its_dead_letters_through_a_broker_outage_longer_than_a_m
     first.produce(settings.topics.events, _event("first"), key=b"u")
     assert first.flush(30) == 0
     sink = AuditSink(settings=settings, store=store)
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            sink.run()
-        except BaseException as exc:  # the test asserts there is none
-            errors.append(exc)
 
     caplog.set_level(logging.INFO, logger="streams.sink")
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread, errors = started(sink.run)
     events = store.table("events")
     try:
         wait_until(lambda: store.rows(f"SELECT count() FROM {events}") == [(1,)], timeout_s=60)

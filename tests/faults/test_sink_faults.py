@@ -9,14 +9,13 @@ accepting them again.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 import pytest
-from support import cli_env, freshrec_cli, sink_committed, sql_json, wait_until
+from support import cli_env, freshrec_cli, sink_committed, sql_json, started, wait_until
 
 from freshrec.faults import FAULT_EXIT_STATUS
 from freshrec.settings import Settings
@@ -116,17 +115,9 @@ def test_the_sink_rides_out_a_clickhouse_outage_and_stores_exactly_once(
     during = [event(f"during-{i}", user=f"u{i % 7}") for i in range(700)]
     produce(settings, first)
     sink = AuditSink(settings=settings, store=store)
-    errors: list[BaseException] = []
 
-    def run() -> None:
-        try:
-            sink.run()
-        except BaseException as exc:  # the test asserts there is none
-            errors.append(exc)
-
-    thread = threading.Thread(target=run)
     caplog.set_level(logging.INFO, logger="streams.outage")
-    thread.start()
+    thread, errors = started(sink.run)
     events = store.table("events")
     try:
         wait_until(lambda: store.rows(f"SELECT count() FROM {events}") == [(300,)], timeout_s=60)

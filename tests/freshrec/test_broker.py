@@ -14,14 +14,7 @@ from support import free_port_pair, freshrec_cli
 
 
 def test_broker_lifecycle_through_the_cli(tmp_path: Path) -> None:
-    port, controller = free_port_pair()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHREC_")}
-    env |= {
-        "FRESHREC_HOME": str(tmp_path / "home"),
-        "FRESHREC_BROKER_PORT": str(port),
-        "FRESHREC_BROKER_CONTROLLER_PORT": str(controller),
-        "FRESHREC_BROKER_HEAP": "512m",
-    }
+    env, port = _broker_env(tmp_path, heap="512m")
     if "FRESHREC_CACHE_DIR" in os.environ:
         env["FRESHREC_CACHE_DIR"] = os.environ["FRESHREC_CACHE_DIR"]
     bootstrap = f"127.0.0.1:{port}"
@@ -81,13 +74,8 @@ def _round_trip(bootstrap: str) -> None:
 
 
 def test_the_broker_process_sees_no_secret_of_the_environment_that_started_it(tmp_path: Path) -> None:
-    port, controller = free_port_pair()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHREC_")}
+    env, _ = _broker_env(tmp_path, heap="384m")
     env |= {
-        "FRESHREC_HOME": str(tmp_path / "home"),
-        "FRESHREC_BROKER_PORT": str(port),
-        "FRESHREC_BROKER_CONTROLLER_PORT": str(controller),
-        "FRESHREC_BROKER_HEAP": "384m",
         "FRESHREC_API_TOKEN": "token-that-must-not-leak",
         "FRESHREC_KAFKA_OPTIONS": '{"sasl.password": "password-that-must-not-leak"}',
         "AWS_SECRET_ACCESS_KEY": "cloud-secret-that-must-not-leak",
@@ -105,3 +93,17 @@ def test_the_broker_process_sees_no_secret_of_the_environment_that_started_it(tm
         assert {"PATH", "TZ"} <= names  # what Java needs is still there
     finally:
         freshrec_cli("broker", "stop", env=env, check=False)
+
+
+def _broker_env(tmp_path: Path, *, heap: str) -> tuple[dict[str, str], int]:
+    """The environment of a CLI run with a local broker of its own (free ports, own home), no other
+    FRESHREC_ variable; and the broker's client port."""
+    port, controller = free_port_pair()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHREC_")}
+    env |= {
+        "FRESHREC_HOME": str(tmp_path / "home"),
+        "FRESHREC_BROKER_PORT": str(port),
+        "FRESHREC_BROKER_CONTROLLER_PORT": str(controller),
+        "FRESHREC_BROKER_HEAP": heap,
+    }
+    return env, port
