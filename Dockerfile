@@ -29,6 +29,9 @@ COPY freshrec ./freshrec
 COPY streams ./streams
 COPY learners ./learners
 COPY publishers ./publishers
+COPY serving ./serving
+COPY evaluation ./evaluation
+COPY freshrec_app ./freshrec_app
 RUN pip install --no-deps .
 
 USER freshrec

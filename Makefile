@@ -52,8 +52,8 @@ test: venv browser go tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: venv
-	$(BIN)/ruff format --check freshrec streams learners publishers tests bench
-	$(BIN)/ruff check freshrec streams learners publishers tests bench
+	$(BIN)/ruff format --check freshrec streams learners publishers serving evaluation freshrec_app tests bench
+	$(BIN)/ruff check freshrec streams learners publishers serving evaluation freshrec_app tests bench
 
 typecheck: venv
 	$(BIN)/mypy

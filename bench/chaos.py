@@ -93,7 +93,7 @@ class Role:
         self._log.write(f"\n--- start {self.starts + 1} at {time.strftime('%H:%M:%S')}\n")
         self._log.flush()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "freshrec", *self.argv],
+            [sys.executable, "-m", "freshrec_app", *self.argv],
             env=self.env,
             stdout=subprocess.DEVNULL,
             stderr=self._log,
@@ -151,7 +151,7 @@ class Role:
 def freshrec(*args: str, env: dict[str, str], timeout_s: float = 300.0) -> subprocess.CompletedProcess[str]:
     """One bounded ``freshrec`` command; raises with its stderr if it fails."""
     result = subprocess.run(
-        [sys.executable, "-m", "freshrec", *args],
+        [sys.executable, "-m", "freshrec_app", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -451,7 +451,7 @@ class Campaign:
         log = (self.logs / "train.log").open("a")
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "freshrec", "train", "--once", "--json"],
+                [sys.executable, "-m", "freshrec_app", "train", "--once", "--json"],
                 env=self.env,
                 stdout=subprocess.PIPE,
                 stderr=log,

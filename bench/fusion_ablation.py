@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/fusion_ablation.py ml-100k --sample 0.3 --finetune-every 10000 --out fusion.json
 
-The replay of ``publishers.replay_eval`` (same requests, same protocol, its own broker as
+The replay of ``evaluation.replay`` (same requests, same protocol, its own broker as
 ``bench/replay_eval.py``), where besides its methods these lists are scored on every request, each
-by its own :class:`publishers.serving.Recommender` (policy ``none``) over the same stream state and
+by its own :class:`serving.recommender.Recommender` (policy ``none``) over the same stream state and
 model versions:
 
 - ``served_rrf``: the fixed reciprocal-rank fusion the learned one replaced;
@@ -31,12 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import bench_cluster
 
+from evaluation import replay as replay_eval
+from evaluation.replay import MethodScores, ReplayConfig, ReplayEvaluator, interval
 from freshrec.events import Event
 from freshrec.settings import Settings
-from publishers import replay_eval
-from publishers.replay_eval import MethodScores, ReplayConfig, ReplayEvaluator, interval
 from publishers.replica import Replica
-from publishers.serving import Recommender
+from serving.recommender import Recommender
 
 ALL_SOURCES = ("transformer", "cooccurrence", "popular", "mf")
 

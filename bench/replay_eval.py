@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import bench_cluster
 
+from evaluation import replay as replay_eval
+from evaluation.replay import ReplayConfig
 from freshrec.store import open_store
-from publishers import replay_eval
-from publishers.replay_eval import ReplayConfig
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ cost does not depend on what the weights are), in the same run:
 - **bare top-k**, single queries, beside the memory-bandwidth bound (table bytes / measured copy
   bandwidth): numpy (one fp32 matrix product and an ``argpartition``, the baseline the issue names),
   torch (``mv`` and ``topk``, fp32: the bare matrix-product top-k) and the scan retrieval runs
-  (:class:`publishers.scan.ExactScan`: int8 products and a certified fp32 re-score), with the
+  (:class:`serving.scan.ExactScan`: int8 products and a certified fp32 re-score), with the
   scan's recall of torch's top-10 and how often its certificate held;
 - **recommender**: :meth:`Recommender.recommend` in-process (user state by the transformer, exact
   top-n, co-occurrence, popularity, fusion, exploration);
@@ -43,14 +43,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from harness import bench_cluster
 
 from freshrec.settings import ServeSettings, Settings, StreamSettings
+from learners.registry import build_heads
 from learners.sasrec import SASRec, SASRecConfig
-from publishers.api import create_app
-from publishers.dealer import Dealer
 from publishers.replica import Replica
-from publishers.scan import ExactScan
-from publishers.server import api_producers, api_server
-from publishers.serving import Recommender
 from publishers.updates import ModelVersion, snapshot_update
+from serving.api import create_app
+from serving.dealer import Dealer
+from serving.recommender import Recommender
+from serving.scan import ExactScan
+from serving.server import api_producers, api_server
 from streams.reader import StateReader
 from streams.worker import StreamWorker
 
@@ -193,7 +194,8 @@ def run_size(
     version = model_version(items)
     replica = Replica()
     replica.receive(snapshot_update(version, parent=0))
-    worker = StreamWorker(settings.model_copy(update={"stream": StreamSettings(heads=("mf",))}))
+    stream = StreamSettings(heads=("mf",))
+    worker = StreamWorker(settings.model_copy(update={"stream": stream}), heads=build_heads(stream))
     rng = np.random.default_rng(1)
     users = [f"u{n}" for n in range(USERS)]
     for step in range(20):  # every user has a 20-item history; counters and co-occurrence follow
@@ -301,7 +303,7 @@ def main() -> None:
             for procs in args.server_procs
         ]
     print("\nbare top-10, single queries (ms): numpy = fp32 product + argpartition; torch = mv + topk;")
-    print("scan = publishers.scan.ExactScan as served (int8 + certified fp32 re-score from 65,536 rows;")
+    print("scan = serving.scan.ExactScan as served (int8 + certified fp32 re-score from 65,536 rows;")
     print("recall: of torch's top-10; certified: share of int8 scans that needed no fp32 re-scan)")
     print(
         f"{'items':>9} {'floor':>7} {'numpy p50':>10} {'torch p50':>10} {'scan p50':>9}"

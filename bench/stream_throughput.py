@@ -26,6 +26,7 @@ import orjson
 from harness import bench_cluster, consume_loop, time_batches
 
 from freshrec.settings import Settings, StreamSettings
+from learners.registry import build_heads
 from streams.admin import ensure_topics
 from streams.producer import EventProducer
 from streams.reader import StateReader
@@ -37,7 +38,7 @@ ALL_ROLES = ("counters", "sequences", "heads")
 def _worker_rate(settings: Settings, n: int, roles: tuple[str, ...]) -> tuple[float, int]:
     group = f"bench-stream-{uuid.uuid4().hex[:8]}"
     stream = StreamSettings(group_id=group, roles=roles)
-    worker = StreamWorker(settings.model_copy(update={"stream": stream}))
+    worker = StreamWorker(settings.model_copy(update={"stream": stream}), heads=build_heads(stream))
     elapsed = time_batches(worker, "_apply", lambda: worker.stats.consumed, n)
     assert worker.stats.counted == n, worker.stats
     return n / elapsed, worker.state.counters.nbytes()
@@ -68,9 +69,9 @@ def _freshness(settings: Settings, *, rate: int, seconds: float, batch_size: int
             "FRESHREC_STREAM__BATCH_SIZE": str(batch_size),
         }
         for role in ("sequences", "heads"):
-            command = [sys.executable, "-m", "freshrec", "stream", "--role", role]
+            command = [sys.executable, "-m", "freshrec_app", "stream", "--role", role]
             others.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL))
-    worker = StreamWorker(settings)
+    worker = StreamWorker(settings, heads=build_heads(settings.stream))
     reader = StateReader(worker)
     thread = threading.Thread(target=worker.run)
     thread.start()

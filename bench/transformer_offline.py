@@ -1,6 +1,6 @@
 """Offline transformer benchmark: loss and block variants x seeds under the leave-last-out protocol.
 
-Each setting trains with early stopping on validation NDCG@10 (:func:`learners.offline.run`, the
+Each setting trains with early stopping on validation NDCG@10 (:func:`evaluation.offline.run`, the
 code behind ``freshrec train --offline``) once per seed, and reports test HR@10 / NDCG@10 as the
 mean of the seeds with a 95% Student-t interval, the wall time per epoch, and the popularity
 baseline of the same split as the ratio's denominator. Settings (``--setting``, repeatable):
@@ -36,9 +36,9 @@ from typing import Any
 
 import orjson
 
+from evaluation import offline
 from freshrec.datasets import load_dataset
 from freshrec.settings import Settings
-from learners import offline
 from learners.sasrec import SASRecConfig
 from learners.sequences import sequences_from_records
 from learners.training import SequenceTrainer, TrainConfig
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-change", type=float, nargs="+", default=[0.0, 1e-3, 3e-3, 1e-2, 3e-2])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
-    logging.getLogger("learners.offline").setLevel(logging.INFO)  # one line per epoch
+    logging.getLogger("evaluation.offline").setLevel(logging.INFO)  # one line per epoch
 
     settings = Settings()
     report: dict[str, Any] = {"dataset": args.dataset, "args": vars(args), "settings": {}}

@@ -8,7 +8,7 @@ serving time for what was shown. Time series also take ``bucket_s``. :func:`pane
 left out (the range from the data, a bucket that gives about 240 points) so that a page can ask for
 "everything" over a replay of 1997 ratings as well as for the last hour of a live stream.
 
-Grafana reads the same SQL (``freshrec.grafana`` writes its dashboard from :data:`QUERIES`), with
+Grafana reads the same SQL (``freshrec_app.grafana`` writes its dashboard from :data:`QUERIES`), with
 its macros in place of the range and the bucket.
 
 >>> sorted(QUERIES)[:3]

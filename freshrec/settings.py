@@ -153,7 +153,9 @@ class StreamSettings(BaseModel):
         1, ge=1, description="Items pair in co-occurrence only once seen this often (1: off)."
     )
     heads: tuple[str, ...] = Field(
-        ("mf", "engagement"), description="Incremental heads learning from every event (mf, engagement)."
+        ("mf",),
+        description="Incremental heads learning from every event: mf (ranks candidates in serving) and, "
+        "opt-in, engagement (read by nothing in serving).",
     )
     max_users: int = Field(1_000_000, ge=1, description="Users with a history; the least recent are evicted.")
     roles: tuple[str, ...] = Field(
@@ -274,7 +276,7 @@ class ServeSettings(BaseModel):
         True,
         description="Retrieval scans an int8 copy of the item table and re-scores a shortlist in fp32 "
         "when a bound proves it holds the exact top-n (else it scans again in fp32): exact up to fp32 "
-        "rounding, 4.4-5.2 against 12.1-12.3 ms at 1M items of dimension 64 (publishers/scan.py). "
+        "rounding, 4.4-5.2 against 12.1-12.3 ms at 1M items of dimension 64 (serving/scan.py). "
         "Tables under 65,536 rows or wider than 128 are scanned in fp32 anyway. False: always fp32.",
     )
     candidates: int = Field(100, ge=1, le=10_000, description="Candidates taken from each source.")

@@ -1,2 +1,2 @@
-"""Incremental model heads (river: ``mf``, ``ctr``) and the sequential transformer (torch:
-``sasrec``), with its item map, training, offline evaluation and scheduled fine-tuning."""
+"""Incremental model heads (river: ``mf``, ``ctr``; built by name in ``heads``) and the sequential
+transformer (torch: ``sasrec``), with its item map, sequences, training and scheduled fine-tuning."""

@@ -29,7 +29,7 @@ from typing import Any, Final
 from river import linear_model, optim
 
 from freshrec.events import Event
-from learners.base import Head
+from streams.heads import Head
 
 __all__ = ["EngagementHead", "label_of"]
 

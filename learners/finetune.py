@@ -28,10 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
+from evaluation.offline import record_run
 from freshrec.errors import NothingToTrain
 from freshrec.settings import Settings
 from freshrec.store import Store
-from learners.offline import record_run
 from learners.sasrec import SASRecConfig
 from learners.sequences import Sequences, sequences_from_store
 from learners.training import SequenceTrainer, configs_from_settings

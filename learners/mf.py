@@ -31,7 +31,7 @@ import numpy as np
 from river import optim, reco
 
 from freshrec.events import Event
-from learners.base import Head
+from streams.heads import Head
 
 __all__ = ["IMPLICIT_TARGETS", "MatrixFactorisationHead"]
 

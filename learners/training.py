@@ -3,7 +3,7 @@
 :class:`SequenceTrainer` owns a :class:`~learners.sasrec.SASRec`, its :class:`~learners.item_rows.ItemRows`
 map and the set of table rows changed since the last publish (the delta tracker: TorchRec's idea of
 tracking touched ids, which with a sparse table and ``SparseAdam`` is exactly the set of rows that
-moved). Offline training (:mod:`learners.offline`) and the scheduled fine-tune
+moved). Offline training (:mod:`evaluation.offline`) and the scheduled fine-tune
 (:mod:`learners.finetune`) both drive it.
 
 Evaluation follows the HSTU repository's protocol: the score of every item in the catalogue, the

@@ -1,2 +1,4 @@
-"""Model versions and their delta publishing, serving replicas, retrieval with exploration, the
-HTTP API, off-policy evaluation and the closed-loop simulator."""
+"""Model versions and how they travel: ``updates`` (the sparse/dense delta format), ``chain`` (the
+versions' commit point in Kafka), ``publisher`` (training → topics, snapshot store, ``model_updates``),
+``snapshots`` (the local store of full versions) and ``replica`` (a serving process's copy, applied
+atomically)."""

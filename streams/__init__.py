@@ -7,5 +7,7 @@
 - Real-time state: ``counters`` (total, decayed and windowed counts), ``histories`` (per-user recent
   items), ``cooccurrence``, ``clicks`` (CTR posteriors), ``ids`` (item id → row), kept by ``worker``
   (the consume loop and its checkpoints) and read by serving through ``reader``.
-- Evaluation of the stream's recommenders: ``prequential`` (test-then-train).
+
+Model heads are given to the worker by whoever builds it (``learners.heads``): this package never
+imports the layers above it.
 """

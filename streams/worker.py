@@ -28,11 +28,11 @@ state (counts kept per partition and merged at read time), planned with the read
 ``dedup_horizon`` ids, is not counted again; the id set is part of the checkpoint.
 **Bad events** are skipped and counted (the audit sink dead-letters them); they never stop a worker.
 **Late events** count in ``total`` always, in a window only while their bucket is in it.
-**Heads** (river, :mod:`learners`) learn from every counted event and are checkpointed with the rest:
-no event is learned twice or lost across a crash. Unlike the counters, SGD depends on the order of
-events, and the interleaving of partitions differs between runs, so after a replay a head's weights
-equal an uninterrupted run's only when the topic has one partition (each user's own order is always
-kept).
+**Heads** (river models, given by whoever builds the worker) learn from every counted event and are
+checkpointed with the rest: no event is learned twice or lost across a crash. Unlike the counters,
+SGD depends on the order of events, and the interleaving of partitions differs between runs, so after
+a replay a head's weights equal an uninterrupted run's only when the topic has one partition (each
+user's own order is always kept).
 
 **Roles**: a worker keeps ``counters`` (item counters, CTR), ``sequences`` (histories,
 co-occurrence) and ``heads`` (river), or any subset (``FRESHREC_STREAM__ROLES``). A subset is its own
@@ -55,7 +55,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -64,21 +64,19 @@ from typing import Any
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 
-from freshrec.errors import ConfigError, InvalidEvent
+from freshrec.errors import InvalidEvent
 from freshrec.events import Event, parse_event
 from freshrec.processes import die_with_parent
 from freshrec.settings import Settings
-from learners.base import Head
-from learners.ctr import EngagementHead
-from learners.mf import MatrixFactorisationHead
 from streams.admin import check_consume_error, ensure_topics
 from streams.clicks import ClickThrough
 from streams.cooccurrence import CoOccurrence
 from streams.counters import CounterConfig, ItemCounters
 from streams.dedup import RecentIds
+from streams.heads import Head
 from streams.histories import UserHistories
 
-__all__ = ["CheckpointStore", "StreamState", "StreamStats", "StreamWorker", "make_head", "run"]
+__all__ = ["CheckpointStore", "StreamState", "StreamStats", "StreamWorker", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -219,19 +217,12 @@ def _observe_served(observe: Callable[[str, str, str | None], None], value: byte
         observe("impression", item, request_id)
 
 
-def make_head(name: str) -> Head:
-    """A head by its settings name."""
-    if name == "mf":
-        return MatrixFactorisationHead()
-    if name == "engagement":
-        return EngagementHead()
-    raise ConfigError(f"unknown head {name!r} in FRESHREC_STREAM__HEADS; known: mf, engagement")
-
-
 class StreamWorker:
     """Consume ``events`` as part of a group and keep :class:`StreamState` up to date."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, heads: Mapping[str, Head] | None = None) -> None:
+        """``heads``: the incremental models this worker feeds (``learners.registry.build_heads``
+        builds the ones the settings name); none when omitted or without the ``heads`` role."""
         self._settings = settings
         config = settings.stream
         self._topic = settings.topics.events
@@ -247,7 +238,7 @@ class StreamWorker:
             ),
             recent=RecentIds(config.dedup_horizon),
             histories=UserHistories(max_len=config.history_len, max_users=config.max_users),
-            heads={name: make_head(name) for name in config.heads} if "heads" in config.roles else {},
+            heads=dict(heads or {}) if "heads" in config.roles else {},
             cooccurrence=CoOccurrence(min_count=config.cooccurrence_min_count),
         )
         self.roles = frozenset(config.roles)
@@ -486,9 +477,11 @@ class StreamWorker:
         stats.batches += 1
 
 
-def run(settings: Settings, *, until_idle_s: float | None = None) -> tuple[StreamWorker, StreamStats]:
+def run(
+    settings: Settings, *, heads: Mapping[str, Head] | None = None, until_idle_s: float | None = None
+) -> tuple[StreamWorker, StreamStats]:
     """Run a stream worker in this thread; SIGINT/SIGTERM checkpoint and stop it."""
-    worker = StreamWorker(settings)
+    worker = StreamWorker(settings, heads=heads)
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         logger.info("signal %d: checkpointing and stopping", signum)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,14 @@ import orjson
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from freshrec.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+# The project's top-level packages, as pyproject.toml installs them (one list, read by every test).
+PACKAGES: tuple[str, ...] = tuple(
+    name
+    for name in tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    if "." not in name
+)
 
 
 def free_port_pair() -> tuple[int, int]:
@@ -57,7 +66,7 @@ def freshrec_cli(
 ) -> subprocess.CompletedProcess[str]:
     """Run the installed console script's module in a fresh interpreter."""
     result = subprocess.run(
-        [sys.executable, "-m", "freshrec", *args],
+        [sys.executable, "-m", "freshrec_app", *args],
         env=env,
         capture_output=True,
         text=True,

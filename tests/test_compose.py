@@ -21,10 +21,11 @@ from typing import Any
 import pytest
 import yaml
 from pydantic import BaseModel
+from support import PACKAGES
 
-from freshrec.cli import main
 from freshrec.queries import TABLES
 from freshrec.settings import Settings
+from freshrec_app.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKER = REPO / "tests" / "compose_check"
@@ -204,7 +205,7 @@ def test_dockerfile_installs_cpu_torch_and_dependencies_before_the_code() -> Non
     install = next(i for i, line in enumerate(lines) if "pip install -r /tmp/requirements.txt" in line)
     copies = [i for i, line in enumerate(lines) if line.startswith("COPY ") and "pyproject" not in line]
     assert copies and install < min(copies), "dependencies must be installed before the code is copied"
-    for package in ("freshrec", "streams", "learners", "publishers"):
+    for package in PACKAGES:
         assert f"COPY {package} ./{package}" in lines
     models = next(line for line in lines if "/var/lib/freshrec/models" in line)
     assert "install -d -o freshrec -g freshrec" in models  # the models volume is the user's, not root's

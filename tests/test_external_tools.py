@@ -14,7 +14,7 @@ from support import free_port_pair
 
 from freshrec.settings import Settings
 from freshrec.store import Store
-from publishers.server import ServingStack
+from serving.server import ServingStack
 from streams import sink
 from streams.admin import ensure_topics
 

@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from support import PACKAGES
 
 
 def _closure(requirements: list[Requirement]) -> set[str]:
@@ -60,14 +61,14 @@ def test_every_module_imports_and_every_command_helps_without_the_dev_extra(tmp_
         import importlib, pkgutil, sys
         for name in {blocked!r}:
             sys.modules[name] = None  # `import name` now raises ImportError, as if not installed
-        for package in ("freshrec", "streams", "learners", "publishers"):
+        for package in {PACKAGES!r}:
             root = importlib.import_module(package)
             for module in pkgutil.walk_packages(root.__path__, package + "."):
                 if not module.name.endswith("__main__"):
                     importlib.import_module(module.name)
         import click
         from click.testing import CliRunner
-        from freshrec.cli import main
+        from freshrec_app.cli import main
 
         def commands(group, path):
             for name, command in group.commands.items():
@@ -99,7 +100,7 @@ def test_the_cheap_commands_run_for_real_without_the_dev_extra(tmp_path: Path) -
         import sys
         for name in {blocked!r}:
             sys.modules[name] = None
-        from freshrec.cli import main
+        from freshrec_app.cli import main
         sys.argv = ["freshrec", *sys.argv[1:]]
         main()
         """

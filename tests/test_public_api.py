@@ -7,15 +7,11 @@ import inspect
 import pkgutil
 
 import pytest
-
-import freshrec
-import learners
-import publishers
-import streams
+from support import PACKAGES
 
 MODULES = sorted(
     name
-    for package in (freshrec, streams, learners, publishers)
+    for package in map(importlib.import_module, PACKAGES)
     for _, name, _ in pkgutil.iter_modules(package.__path__, prefix=f"{package.__name__}.")
     if not name.endswith("__main__")
 )

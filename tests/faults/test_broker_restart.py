@@ -97,7 +97,7 @@ def test_broker_restarts_under_traffic_lose_and_double_nothing(
     sink_log = tmp_path / "sink.log"
     with sink_log.open("wb") as log:  # the child keeps its own descriptor
         sink = subprocess.Popen(
-            [sys.executable, "-m", "freshrec", "sink"], env=env, stdout=subprocess.DEVNULL, stderr=log
+            [sys.executable, "-m", "freshrec_app", "sink"], env=env, stdout=subprocess.DEVNULL, stderr=log
         )
 
     def sink_said() -> str:

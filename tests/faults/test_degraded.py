@@ -24,7 +24,7 @@ from support import free_port_pair, sink_committed, started, wait_until
 from freshrec.broker import LocalBroker
 from freshrec.settings import Settings
 from freshrec.store import Store
-from publishers.server import ServingStack
+from serving.server import ServingStack
 from streams.admin import ensure_topics
 from streams.lag import LagSampler
 from streams.sink import AuditSink

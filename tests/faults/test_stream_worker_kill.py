@@ -25,6 +25,7 @@ import orjson
 from support import cli_env, freshrec_cli, wait_until
 
 from freshrec.settings import Settings, StreamSettings
+from learners.registry import build_heads
 from streams.admin import ensure_topics
 from streams.producer import EventProducer
 from streams.worker import StreamWorker
@@ -127,7 +128,7 @@ def test_seeded_kill_9s_of_the_stream_worker_end_like_an_uninterrupted_run(
             plan.append(f"{'start' if during_start else 'after-checkpoint'}+{delay:.2f}s")
             seen = checkpoint.stat().st_mtime_ns if checkpoint.exists() else 0
             process = subprocess.Popen(
-                [sys.executable, "-m", "freshrec", "stream"],
+                [sys.executable, "-m", "freshrec_app", "stream"],
                 env=env,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
@@ -160,12 +161,13 @@ def test_seeded_kill_9s_of_the_stream_worker_end_like_an_uninterrupted_run(
     final = orjson.loads(freshrec_cli("stream", "--until-idle", "2", "--json", env=env, timeout=300).stdout)
     assert final["consumed"] > 0, f"{replay}, {plan}: the last kill must leave events to replay"
 
-    reference = StreamWorker(_stream_settings(make_settings, "reference", "ref"))
+    reference_settings = _stream_settings(make_settings, "reference", "ref")
+    reference = StreamWorker(reference_settings, heads=build_heads(reference_settings.stream))
     ref_stats = reference.run(until_idle_s=1.5)
     resent = len(records) - TOTAL - sum(1 for _, v in records if v == b"{broken")
     assert (ref_stats.counted, ref_stats.duplicates) == (TOTAL, resent), replay
 
-    killed = StreamWorker(settings).state
+    killed = StreamWorker(settings, heads=build_heads(settings.stream)).state
     killed.load_state_dict(pickle.loads(checkpoint.read_bytes()))
     ref = reference.state
     mismatches: list[str] = []

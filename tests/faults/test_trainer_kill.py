@@ -113,7 +113,7 @@ def _train_killed(env: dict[str, str], point: str, rng: random.Random) -> str:
     if point == "random":
         delay = rng.uniform(2.0, 8.0)  # a run takes about 8 s here
         child = subprocess.Popen(
-            [sys.executable, "-m", "freshrec", "train", "--once"],
+            [sys.executable, "-m", "freshrec_app", "train", "--once"],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -10,9 +10,9 @@ from collections.abc import Callable
 import pytest
 
 from freshrec.events import Event
-from learners.base import Head
 from learners.ctr import EngagementHead
 from learners.mf import MatrixFactorisationHead
+from streams.heads import Head
 
 HEADS: dict[str, Callable[[], Head]] = {
     "mf": lambda: MatrixFactorisationHead(max_users=50, max_items=40, seed=3),

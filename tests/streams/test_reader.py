@@ -10,6 +10,7 @@ import orjson
 from support import wait_until
 
 from freshrec.settings import Settings, StreamSettings
+from learners.registry import build_heads
 from streams.admin import ensure_topics
 from streams.producer import EventProducer
 from streams.reader import StateReader
@@ -28,7 +29,7 @@ def test_events_become_visible_through_the_reader_while_the_worker_runs(
         }
     )
     ensure_topics(settings)
-    worker = StreamWorker(settings)
+    worker = StreamWorker(settings, heads=build_heads(settings.stream))
     reader = StateReader(worker)
     thread = threading.Thread(target=worker.run)
     thread.start()
@@ -64,7 +65,7 @@ def test_events_become_visible_through_the_reader_while_the_worker_runs(
     # each waits (pending) for an impression of its own item in its request.
     assert reader.ctr("item-0").impressions == 4 and reader.ctr("item-0").clicks == 0
     assert (worker.state.clicks.unattributed, worker.state.clicks.pending) == (0, 10)
-    assert reader.score("alice", "item-0", "engagement")[1] < 1.0  # the heads learned too
+    assert reader.score("alice", "item-0", "mf")[1] < 1.0  # the heads learned too
     assert sum(reader.offsets().values()) == 20
     assert [item for item, _ in reader.neighbours("item-0")] == ["item-1", "item-2"]
     latencies.sort()

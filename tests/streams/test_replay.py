@@ -76,7 +76,7 @@ def test_a_replay_killed_mid_way_is_resumed_not_repeated(settings: Settings, tmp
     ensure_topics(settings)
     # Paced (ml-100k spans 7 months of data time: about 19 s at this speed) so the kill lands mid-way.
     process = subprocess.Popen(
-        [sys.executable, "-m", "freshrec", "replay", "ml-100k", "--speed", "1000000"],
+        [sys.executable, "-m", "freshrec_app", "replay", "ml-100k", "--speed", "1000000"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -245,7 +245,7 @@ def test_sink_survives_sigkill_mid_stream_and_ends_exact(
     try:
         for target in (3_000, 12_000, 25_000):
             process = subprocess.Popen(
-                [sys.executable, "-m", "freshrec", "sink"],
+                [sys.executable, "-m", "freshrec_app", "sink"],
                 env=env,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,

@@ -22,6 +22,7 @@ from support import cli_env, freshrec_cli, wait_until
 from freshrec.datasets import load_dataset
 from freshrec.errors import ConfigError
 from freshrec.settings import Settings, StreamSettings
+from learners.registry import build_heads
 from streams import replay
 from streams.admin import ensure_topics
 from streams.producer import EventProducer
@@ -50,7 +51,7 @@ def stream_settings(make_settings: Callable[..., Settings], **stream: object) ->
 def test_counters_after_a_replay_equal_the_dataset(make_settings: Callable[..., Settings]) -> None:
     settings = stream_settings(make_settings)
     replay.run(settings, "ml-100k")
-    worker = StreamWorker(settings)
+    worker = StreamWorker(settings, heads=build_heads(settings.stream))
     stats = worker.run(until_idle_s=1.5)
     assert (stats.consumed, stats.counted, stats.invalid, stats.duplicates) == (100_000, 100_000, 0, 0)
 
@@ -78,7 +79,7 @@ def test_counters_after_a_replay_equal_the_dataset(make_settings: Callable[..., 
     keep = settings.stream.history_len
     assert all(worker.state.histories.items(user) == seq[-keep:] for user, seq in by_user.items())
     # The checkpoint on exit holds the same state and the offsets it reflects.
-    saved = StreamWorker(settings).state
+    saved = StreamWorker(settings, heads=build_heads(settings.stream)).state
     saved.load_state_dict(pickle.loads(worker.store.path.read_bytes()))
     assert np.array_equal(saved.counters.scores("total"), counters.scores("total"))
     assert sum(saved.offsets.values()) == 100_000
@@ -132,7 +133,7 @@ def test_kill_9_and_restart_end_exactly_like_an_uninterrupted_run(
     try:
         for attempt in range(3):
             process = subprocess.Popen(
-                [sys.executable, "-m", "freshrec", "stream"],
+                [sys.executable, "-m", "freshrec_app", "stream"],
                 env=env,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
@@ -165,13 +166,14 @@ def test_kill_9_and_restart_end_exactly_like_an_uninterrupted_run(
     final = orjson.loads(freshrec_cli("stream", "--until-idle", "2", "--json", env=env, timeout=300).stdout)
     assert final["consumed"] > 0, "the last kill must leave events to replay"
 
-    reference = StreamWorker(
-        stream_settings(make_settings, group_id=f"reference-{settings.topic_prefix}", worker_id="ref")
+    reference_settings = stream_settings(
+        make_settings, group_id=f"reference-{settings.topic_prefix}", worker_id="ref"
     )
+    reference = StreamWorker(reference_settings, heads=build_heads(reference_settings.stream))
     ref_stats = reference.run(until_idle_s=1.5)
     assert ref_stats.counted == total and ref_stats.duplicates == total // 97 + 1
 
-    killed = StreamWorker(settings).state
+    killed = StreamWorker(settings, heads=build_heads(settings.stream)).state
     killed.load_state_dict(pickle.loads(checkpoint.read_bytes()))
     ref = reference.state.counters
     assert killed.counters.items.ids() and set(killed.counters.items.ids()) == set(ref.items.ids())
@@ -226,7 +228,7 @@ def test_two_workers_in_one_group_split_the_partitions(make_settings: Callable[.
 def test_the_user_ttl_forgets_cold_users_at_checkpoints(make_settings: Callable[..., Settings]) -> None:
     settings = stream_settings(make_settings, user_ttl_s=86_400.0)
     replay.run(settings, "ml-100k", limit=5_000)
-    worker = StreamWorker(settings)
+    worker = StreamWorker(settings, heads=build_heads(settings.stream))
     worker.run(until_idle_s=1.5)  # the final checkpoint sweeps
     newest = worker.state.counters.now_ms
     assert newest is not None
@@ -241,14 +243,13 @@ def test_roles_split_into_groups_whose_union_is_one_full_worker(
 ) -> None:
     settings = stream_settings(make_settings, heads=("mf",))
     replay.run(settings, "ml-100k", limit=1_000)
-    full = StreamWorker(settings)
+    full = StreamWorker(settings, heads=build_heads(settings.stream))
     full.run(until_idle_s=1.5)
-    parts = {
-        role: StreamWorker(
-            settings.model_copy(update={"stream": settings.stream.model_copy(update={"roles": (role,)})})
-        )
+    role_settings = {
+        role: settings.model_copy(update={"stream": settings.stream.model_copy(update={"roles": (role,)})})
         for role in ("counters", "sequences", "heads")
     }
+    parts = {role: StreamWorker(part, heads=build_heads(part.stream)) for role, part in role_settings.items()}
     threads = [threading.Thread(target=w.run, kwargs={"until_idle_s": 1.5}) for w in parts.values()]
     for thread in threads:
         thread.start()
@@ -292,6 +293,6 @@ def test_the_configured_history_length_and_cooccurrence_threshold_are_kept(
     settings = make_settings(
         stream=base.stream.model_copy(update={"history_len": 7, "cooccurrence_min_count": 3})
     )
-    state = StreamWorker(settings).state
+    state = StreamWorker(settings, heads=build_heads(settings.stream)).state
     assert state.histories.max_len == 7
     assert state.cooccurrence.min_count == 3
