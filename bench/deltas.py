@@ -44,13 +44,16 @@ def base_model(items: int, dim: int, seed: int = 0) -> ModelVersion:
         TABLE: rng.normal(size=(items + 1, dim)).astype(np.float32),
         "dense.weight": rng.normal(size=(4 * dim * dim,)).astype(np.float32),
     }
-    return ModelVersion.build(1, params, [None, *(f"item-{n}" for n in range(items))], config={})
+    ids = [None, *(f"item-{n}" for n in range(items))]
+    return ModelVersion.build(1, params, ids, config={}, sparse_tables=[TABLE])
 
 
 def touched(base: ModelVersion, version: int, rows: np.ndarray) -> ModelVersion:
     table = np.array(base.params[TABLE])
     table[rows] += 0.01
-    return ModelVersion.build(version, {**base.params, TABLE: table}, base.item_ids, config={})
+    return ModelVersion.build(
+        version, {**base.params, TABLE: table}, base.item_ids, config={}, sparse_tables=[TABLE]
+    )
 
 
 def size_table(items: int, dim: int) -> None:
@@ -86,7 +89,7 @@ def latency(items: int, dim: int, publishes: int, delta_rows: int) -> None:
     with bench_cluster() as settings:
         snapshots = SnapshotStore(settings.home / "models", keep=3)
         publisher = Publisher(settings, snapshots=snapshots)
-        publisher.publish_snapshot(base.params, base.item_ids, config={})
+        publisher.publish_snapshot(base.params, base.item_ids, config={}, sparse_tables=[TABLE])
         replica = Replica(snapshots=None)
         lags: list[float] = []
         with ReplicaSubscriber(settings, replica):

@@ -44,7 +44,7 @@ from harness import bench_cluster
 
 from freshrec.settings import ServeSettings, Settings, StreamSettings
 from learners.registry import build_heads
-from learners.sasrec import SASRec, SASRecConfig
+from learners.sasrec import SPARSE_TABLES, SASRec, SASRecConfig
 from publishers.replica import Replica
 from publishers.updates import ModelVersion, snapshot_update
 from serving.api import create_app
@@ -80,7 +80,7 @@ def model_version(items: int) -> ModelVersion:
     model.init_rows(torch.arange(1, items + 1))
     params = {name: value.detach().numpy().copy() for name, value in model.state_dict().items()}
     ids = [None, *(f"i{n}" for n in range(items))]
-    return ModelVersion.build(1, params, ids, config=model.config.to_dict())
+    return ModelVersion.build(1, params, ids, config=model.config.to_dict(), sparse_tables=SPARSE_TABLES)
 
 
 def _client(port: int, offset: int, requests: int, clients: int) -> list[float]:

@@ -19,16 +19,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-import orjson
 
 from freshrec.datasets import load_dataset
 from freshrec.settings import Settings
 from freshrec.store import Store
+from learners.runs import record_run
 from learners.sasrec import SASRecConfig
 from learners.sequences import leave_last_out, sequences_from_records
 from learners.training import Metrics, SequenceTrainer, TrainConfig, rank_metrics
 
-__all__ = ["OfflineResult", "popularity_metrics", "record_run", "run"]
+__all__ = ["OfflineResult", "popularity_metrics", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -166,61 +166,3 @@ def run(
             version=None,
         )
     return result
-
-
-def record_run(
-    store: Store,
-    *,
-    run_id: str,
-    kind: str,
-    dataset: str,
-    events: int,
-    steps: int,
-    loss: float,
-    metrics: dict[str, Any],
-    params: dict[str, Any],
-    started_at: datetime,
-    version: int | None,
-    status: str = "ok",
-    error: str = "",
-) -> None:
-    """One row of ``training_runs``."""
-    hr = metrics.get("hr@10")
-    ndcg = metrics.get("ndcg@10")
-    store.insert(
-        "training_runs",
-        [
-            [run_id],
-            [kind],
-            [dataset],
-            [status],
-            [error],
-            [events],
-            [steps],
-            [float(loss)],
-            [None if hr is None else float(hr)],
-            [None if ndcg is None else float(ndcg)],
-            [version],
-            [orjson.dumps(metrics).decode()],
-            [orjson.dumps(params).decode()],
-            [started_at],
-            [datetime.now(UTC)],
-        ],
-        column_names=[
-            "run_id",
-            "kind",
-            "source",
-            "status",
-            "error",
-            "events",
-            "steps",
-            "loss",
-            "hr_at_10",
-            "ndcg_at_10",
-            "published_version",
-            "metrics",
-            "params",
-            "started_at",
-            "finished_at",
-        ],
-    )

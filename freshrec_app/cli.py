@@ -445,7 +445,7 @@ def _cycle_json(result: Any) -> dict[str, Any]:
 
 
 def _train_once(settings: Settings, store: Any, as_json: bool) -> None:
-    from learners.scheduler import build_tuner
+    from publishers.tuner import build_tuner
 
     tuner = build_tuner(settings, store)
     try:
@@ -476,7 +476,8 @@ def _train_scheduled(settings: Settings, store: Any) -> None:
     import signal
     import threading
 
-    from learners.scheduler import FineTuneSchedule, build_tuner
+    from learners.scheduler import FineTuneSchedule
+    from publishers.tuner import build_tuner
 
     tuner = build_tuner(settings, store)
     schedule = FineTuneSchedule(tuner, interval_s=settings.train.interval_s, retry_s=settings.train.retry_s)

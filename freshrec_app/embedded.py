@@ -80,7 +80,8 @@ def _serve_everything(settings: Settings, store: Store) -> sink.SinkStats:
 
     SIGINT/SIGTERM stop the sink (``sink.run`` installs the handlers), then everything else.
     """
-    from learners.scheduler import FineTuneSchedule, build_tuner  # torch: only when serving
+    from learners.scheduler import FineTuneSchedule
+    from publishers.tuner import build_tuner  # torch: only when serving
     from serving.server import ServingStack
 
     # The dashboard's own client of the same chDB path (this process owns it; queries from the
@@ -109,9 +110,9 @@ def first_recommendations(
     recently active users."""
     from freshrec.datasets import item_titles
     from learners.registry import build_heads
-    from learners.scheduler import build_tuner  # torch: only when asked
     from publishers.replica import Replica
     from publishers.snapshots import SnapshotStore
+    from publishers.tuner import build_tuner  # torch: only when asked
     from serving.recommender import Recommender
     from streams.reader import StateReader
     from streams.worker import StreamWorker

@@ -24,25 +24,100 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import Any, Protocol
 
-from evaluation.offline import record_run
+import numpy as np
+import numpy.typing as npt
+
 from freshrec.errors import NothingToTrain
 from freshrec.settings import Settings
 from freshrec.store import Store
-from learners.sasrec import SASRecConfig
+from learners.runs import record_run
+from learners.sasrec import SPARSE_TABLES, SASRecConfig
 from learners.sequences import Sequences, sequences_from_store
 from learners.training import SequenceTrainer, configs_from_settings
-from publishers.publisher import Published, Publisher
 
-__all__ = ["CycleResult", "FineTuner", "WindowSource", "store_window"]
+__all__ = [
+    "CycleResult",
+    "FineTuner",
+    "ModelSink",
+    "PublishedModel",
+    "Receipt",
+    "WindowSource",
+    "store_window",
+]
 
 logger = logging.getLogger(__name__)
 
 # Returns the freshest histories and how many events they hold.
 WindowSource = Callable[[], tuple[Sequences, int]]
+
+
+Array = npt.NDArray[Any]
+
+
+class PublishedModel(Protocol):
+    """The newest version a sink holds, as a fine-tuner warm-starts from it."""
+
+    @property
+    def version(self) -> int: ...
+    @property
+    def params(self) -> Mapping[str, Array]: ...
+    @property
+    def item_ids(self) -> Sequence[str | None]: ...
+    @property
+    def config(self) -> Mapping[str, Any]: ...
+
+
+class Receipt(Protocol):
+    """What a sink reports of one publish (a row of ``model_updates``)."""
+
+    @property
+    def version(self) -> int: ...
+    @property
+    def parent(self) -> int: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def bytes(self) -> int: ...
+    @property
+    def rows(self) -> int: ...
+
+
+class ModelSink(Protocol):
+    """Where a cycle's parameters go: the first as a whole model, then sparse rows of the embedding
+    tables (``sparse_tables``) often and every other parameter less often. The publisher
+    (``publishers.publisher.Publisher``) is the sink in production; this package never imports it."""
+
+    @property
+    def latest(self) -> PublishedModel | None: ...
+
+    def publish_snapshot(
+        self,
+        params: Mapping[str, Array],
+        item_ids: Sequence[str | None],
+        *,
+        config: Mapping[str, Any],
+        sparse_tables: Sequence[str],
+        run_id: str = "",
+    ) -> Receipt: ...
+
+    def publish_sparse(
+        self,
+        params: Mapping[str, Array],
+        item_ids: Sequence[str | None],
+        rows: npt.NDArray[np.int64],
+        *,
+        run_id: str = "",
+    ) -> Receipt: ...
+
+    def publish_dense(self, params: Mapping[str, Array], *, run_id: str = "") -> Receipt: ...
+
+    def close(self) -> None:
+        """Release what the sink holds (its Kafka client); it cannot be used after."""
 
 
 def store_window(store: Store, *, last_events: int) -> WindowSource:
@@ -60,7 +135,7 @@ class CycleResult:
     train_s: float
     stopped_by_budget: bool
     warm_started_from: int | None
-    published: list[Published] = field(default_factory=list)
+    published: list[Receipt] = field(default_factory=list)
 
     @property
     def version(self) -> int | None:
@@ -74,7 +149,7 @@ class FineTuner:
         self,
         settings: Settings,
         *,
-        publisher: Publisher,
+        publisher: ModelSink,
         source: WindowSource,
         store: Store | None = None,
     ) -> None:
@@ -164,10 +239,12 @@ class FineTuner:
         self.cycles += 1
         params = trainer.params()
         ids = trainer.items.ids()
-        published: list[Published] = []
+        published: list[Receipt] = []
         if self.publisher.latest is None:
             published.append(
-                self.publisher.publish_snapshot(params, ids, config=trainer.config.to_dict(), run_id=run_id)
+                self.publisher.publish_snapshot(
+                    params, ids, config=trainer.config.to_dict(), sparse_tables=SPARSE_TABLES, run_id=run_id
+                )
             )
             trainer.clear_touched()
         else:

@@ -20,13 +20,9 @@ from datetime import UTC, datetime, timedelta
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from freshrec.settings import Settings
-from freshrec.store import Store
-from learners.finetune import FineTuner, store_window
-from publishers.publisher import Publisher
-from publishers.snapshots import SnapshotStore
+from learners.finetune import FineTuner
 
-__all__ = ["FineTuneSchedule", "build_tuner"]
+__all__ = ["FineTuneSchedule"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,14 +81,3 @@ class FineTuneSchedule:
                 )
         finally:
             self._running.release()
-
-
-def build_tuner(settings: Settings, store: Store) -> FineTuner:
-    """A fine-tuner reading the freshest window from ``store`` and publishing to the model topics."""
-    publisher = Publisher(settings, snapshots=SnapshotStore.for_settings(settings), store=store)
-    return FineTuner(
-        settings,
-        publisher=publisher,
-        source=store_window(store, last_events=settings.train.window_events),
-        store=store,
-    )

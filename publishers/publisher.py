@@ -47,7 +47,6 @@ from freshrec.store import Store
 from publishers.chain import CHUNK_HEADER, ChunkHeader, Committed, read_log, transactional_id
 from publishers.snapshots import SnapshotStore
 from publishers.updates import (
-    SPARSE_TABLES,
     ModelUpdate,
     ModelVersion,
     apply,
@@ -128,14 +127,23 @@ class Publisher:
         item_ids: Sequence[str | None],
         *,
         config: Mapping[str, Any],
+        sparse_tables: Sequence[str],
         run_id: str = "",
         rollback_of: int | None = None,
     ) -> Published:
-        """The whole model as the next version (first publish, bootstrap on demand, rollback)."""
+        """The whole model as the next version (first publish, bootstrap on demand, rollback).
+        ``sparse_tables`` names the embedding tables later versions publish by rows."""
 
         def build(version: int) -> tuple[ModelUpdate, ModelVersion]:
             parent = 0 if self.latest is None else self.latest.version
-            model = ModelVersion.build(version, params, item_ids, config=config, rollback_of=rollback_of)
+            model = ModelVersion.build(
+                version,
+                params,
+                item_ids,
+                config=config,
+                rollback_of=rollback_of,
+                sparse_tables=sparse_tables,
+            )
             return snapshot_update(model, parent=parent, run_id=run_id), model
 
         return self._publish(build)
@@ -151,14 +159,14 @@ class Publisher:
         """Rows ``rows`` of the tables in ``params`` (and the ids of rows that changed hands)."""
         rows = np.unique(np.asarray(rows, dtype=np.int64))
         size = len(item_ids)
-        for table in SPARSE_TABLES:
+        for table in self._require_latest().sparse_tables:
             if params[table].shape[0] != size:
                 raise ValueError(f"{table} has {params[table].shape[0]} rows but item_ids has {size}")
 
         def build(version: int) -> tuple[ModelUpdate, ModelVersion]:
             base = self._require_latest()
             child_params = dict(base.params)
-            for table in SPARSE_TABLES:
+            for table in base.sparse_tables:
                 old = base.params[table]
                 grown = np.zeros((size, *old.shape[1:]), dtype=np.float32)
                 grown[: min(size, old.shape[0])] = old[:size]
@@ -167,7 +175,9 @@ class Publisher:
             ids = (list(base.item_ids) + [None] * size)[:size]
             for row in rows.tolist():
                 ids[row] = item_ids[row]
-            model = ModelVersion.build(version, child_params, ids, config=base.config)
+            model = ModelVersion.build(
+                version, child_params, ids, config=base.config, sparse_tables=base.sparse_tables
+            )
             return sparse_update(base, model, rows=rows, run_id=run_id), model
 
         return self._publish(build)
@@ -179,9 +189,11 @@ class Publisher:
             base = self._require_latest()
             child_params = dict(base.params)
             for name, value in params.items():
-                if name not in SPARSE_TABLES:
+                if name not in base.sparse_tables:
                     child_params[name] = value
-            model = ModelVersion.build(version, child_params, base.item_ids, config=base.config)
+            model = ModelVersion.build(
+                version, child_params, base.item_ids, config=base.config, sparse_tables=base.sparse_tables
+            )
             return dense_update(base, model, run_id=run_id), model
 
         return self._publish(build)
@@ -189,7 +201,9 @@ class Publisher:
     def rollback(self, to: int) -> Published:
         """Publish version ``to``'s parameters again, as a new snapshot at the head of the chain."""
         old = self.snapshots.load(to)
-        return self.publish_snapshot(old.params, old.item_ids, config=old.config, rollback_of=to)
+        return self.publish_snapshot(
+            old.params, old.item_ids, config=old.config, sparse_tables=old.sparse_tables, rollback_of=to
+        )
 
     def close(self) -> None:
         """Release the Kafka client (the publisher cannot be used after). Every publish has already

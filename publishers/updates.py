@@ -18,9 +18,10 @@ and the model it built from them.
 
 >>> import numpy as np
 >>> v1 = ModelVersion.build(1, {"item_emb.weight": np.zeros((3, 2), np.float32), "w": np.ones(2, np.float32)},
-...                         [None, "a", "b"], config={})
+...                         [None, "a", "b"], config={}, sparse_tables=["item_emb.weight"])
 >>> table = np.array(v1.params["item_emb.weight"]); table[2] = 7
->>> v2 = ModelVersion.build(2, {**v1.params, "item_emb.weight": table}, [None, "a", "c"], config={})
+>>> v2 = ModelVersion.build(2, {**v1.params, "item_emb.weight": table}, [None, "a", "c"], config={},
+...                         sparse_tables=v1.sparse_tables)
 >>> update = sparse_update(v1, v2, rows=np.array([2]))
 >>> again = apply(v1, decode(encode(update)))
 >>> again.state_checksum == v2.state_checksum, again.item_ids
@@ -40,10 +41,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from learners.sasrec import SPARSE_TABLES  # the embedding tables, published by rows
-
 __all__ = [
-    "SPARSE_TABLES",
     "ChecksumMismatch",
     "ModelUpdate",
     "ModelVersion",
@@ -99,6 +97,9 @@ class ModelVersion:
     state_checksum: str
     created_at_ms: int = field(default_factory=lambda: int(time.time() * 1000))
     rollback_of: int | None = None
+    # The embedding tables, published by rows (the trainer names them; sparse deltas carry them and
+    # dense ones carry everything else). Every update's header lists them, as ``table_rows``.
+    sparse_tables: tuple[str, ...] = ()
 
     @classmethod
     def build(
@@ -110,6 +111,7 @@ class ModelVersion:
         config: Mapping[str, Any],
         rollback_of: int | None = None,
         created_at_ms: int | None = None,
+        sparse_tables: Sequence[str] = (),
     ) -> ModelVersion:
         frozen = {name: _frozen(value) for name, value in params.items()}
         ids = tuple(item_ids)
@@ -121,6 +123,7 @@ class ModelVersion:
             state_checksum=state_checksum(frozen, ids),
             created_at_ms=created_at_ms or int(time.time() * 1000),
             rollback_of=rollback_of,
+            sparse_tables=tuple(sparse_tables),
         )
 
     @property
@@ -160,7 +163,7 @@ def sparse_update(parent: ModelVersion, child: ModelVersion, *, rows: Array, run
     rows = np.unique(np.asarray(rows, dtype=np.int64))
     arrays: dict[str, Array] = {}
     sizes: dict[str, int] = {}
-    for table in SPARSE_TABLES:
+    for table in child.sparse_tables:
         values = child.params[table]
         arrays[f"rows/{table}"] = rows
         arrays[f"values/{table}"] = values[rows]
@@ -189,8 +192,8 @@ def dense_update(parent: ModelVersion, child: ModelVersion, *, run_id: str = "")
         kind="dense",
         state_checksum=child.state_checksum,
         created_at_ms=child.created_at_ms,
-        arrays={name: value for name, value in child.params.items() if name not in SPARSE_TABLES},
-        table_rows={table: int(child.params[table].shape[0]) for table in SPARSE_TABLES},
+        arrays={name: value for name, value in child.params.items() if name not in child.sparse_tables},
+        table_rows={table: int(child.params[table].shape[0]) for table in child.sparse_tables},
         id_rows=np.zeros(0, dtype=np.int64),
         ids=(),
         run_id=run_id,
@@ -206,7 +209,7 @@ def snapshot_update(child: ModelVersion, *, parent: int, run_id: str = "") -> Mo
         state_checksum=child.state_checksum,
         created_at_ms=child.created_at_ms,
         arrays=dict(child.params),
-        table_rows={table: int(child.params[table].shape[0]) for table in SPARSE_TABLES},
+        table_rows={table: int(child.params[table].shape[0]) for table in child.sparse_tables},
         id_rows=np.arange(len(child.item_ids), dtype=np.int64),
         ids=child.item_ids,
         config=child.config,
@@ -225,6 +228,7 @@ def apply(base: ModelVersion | None, update: ModelUpdate) -> ModelVersion:
         params = dict(update.arrays)
         ids = list(update.ids)
         config: Mapping[str, Any] = update.config or {}
+        tables = tuple(update.table_rows)
     else:
         if base is None or base.version != update.parent:
             have = None if base is None else base.version
@@ -232,6 +236,7 @@ def apply(base: ModelVersion | None, update: ModelUpdate) -> ModelVersion:
         params = dict(base.params)
         ids = list(base.item_ids)
         config = base.config
+        tables = base.sparse_tables
         if update.kind == "dense":
             params.update(update.arrays)
         else:
@@ -253,6 +258,7 @@ def apply(base: ModelVersion | None, update: ModelUpdate) -> ModelVersion:
         config=config,
         rollback_of=update.rollback_of,
         created_at_ms=update.created_at_ms,
+        sparse_tables=tables,
     )
     if version.state_checksum != update.state_checksum:
         raise ChecksumMismatch(

@@ -116,7 +116,7 @@ def router(store: Store | LazyStore | None) -> APIRouter:
     """The page and its data routes over ``store`` (None: the data routes answer 503; a
     :class:`LazyStore`: they answer 503 while ClickHouse cannot be reached)."""
     source = LazyStore.of(store) if isinstance(store, Store) else store
-    page = resources.files("publishers").joinpath("dashboard.html").read_text(encoding="utf-8")
+    page = resources.files("serving").joinpath("dashboard.html").read_text(encoding="utf-8")
     api = APIRouter()
 
     @api.get(PAGE_PATH, response_class=HTMLResponse, include_in_schema=False)

@@ -10,11 +10,11 @@ from datetime import UTC, datetime, timedelta
 import orjson
 import pytest
 
-from evaluation.offline import record_run
 from freshrec import queries
 from freshrec.errors import ConfigError
 from freshrec.settings import Settings
 from freshrec.store import Store
+from learners.runs import record_run
 from publishers.publisher import MODEL_UPDATE_COLUMNS
 from streams import replay, sink
 from streams.impressions import encode_impression

@@ -136,7 +136,11 @@ def test_lost_and_corrupted_updates_heal_from_the_snapshot_store(
     table = np.array(base.params[TABLE])
     table[1] += 1.0
     lost = ModelVersion.build(
-        base.version + 1, {**base.params, TABLE: table}, base.item_ids, config=base.config
+        base.version + 1,
+        {**base.params, TABLE: table},
+        base.item_ids,
+        config=base.config,
+        sparse_tables=base.sparse_tables,
     )
     publisher.snapshots.save(lost)
     publisher.latest = lost
@@ -151,7 +155,11 @@ def test_lost_and_corrupted_updates_heal_from_the_snapshot_store(
     table = np.array(current.params[TABLE])
     table[2] -= 1.0
     damaged = ModelVersion.build(
-        current.version + 1, {**current.params, TABLE: table}, current.item_ids, config={}
+        current.version + 1,
+        {**current.params, TABLE: table},
+        current.item_ids,
+        config={},
+        sparse_tables=current.sparse_tables,
     )
     publisher.snapshots.save(damaged)
     publisher.latest = damaged

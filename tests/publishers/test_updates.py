@@ -35,7 +35,11 @@ def _version(version: int, rows: int = 6, dim: int = 4, seed: int = 0) -> ModelV
         "w": rng.normal(size=3).astype(np.float32),
     }
     return ModelVersion.build(
-        version, params, [None, *(f"i{r}" for r in range(1, rows))], config={"dim": dim}
+        version,
+        params,
+        [None, *(f"i{r}" for r in range(1, rows))],
+        config={"dim": dim},
+        sparse_tables=[TABLE],
     )
 
 
@@ -47,7 +51,9 @@ def _edit(base: ModelVersion, version: int, rows: list[int], grow: int = 0) -> M
     for row in rows:
         if row >= len(base.item_ids):
             ids[row] = f"new{row}"
-    return ModelVersion.build(version, {**base.params, TABLE: table}, ids, config=base.config)
+    return ModelVersion.build(
+        version, {**base.params, TABLE: table}, ids, config=base.config, sparse_tables=base.sparse_tables
+    )
 
 
 @settings(max_examples=40, deadline=None)
@@ -70,7 +76,11 @@ def test_sparse_update_round_trips_to_the_same_version(rows: set[int], grow: int
 def test_dense_and_snapshot_updates() -> None:
     base = _version(1)
     child = ModelVersion.build(
-        2, {**base.params, "w": np.ones(3, np.float32)}, base.item_ids, config=base.config
+        2,
+        {**base.params, "w": np.ones(3, np.float32)},
+        base.item_ids,
+        config=base.config,
+        sparse_tables=base.sparse_tables,
     )
     assert apply(base, decode(encode(dense_update(base, child)))).state_checksum == child.state_checksum
     snap = decode(encode(snapshot_update(child, parent=1)))

@@ -26,7 +26,7 @@ from evaluation import prequential
 from freshrec import queries
 from freshrec.settings import ServeSettings, Settings, StreamSettings, TrainSettings
 from freshrec.store import Store, open_store
-from learners.scheduler import build_tuner
+from publishers.tuner import build_tuner
 from serving.dashboard import router
 from serving.server import ServingStack
 from streams import replay, sink

@@ -15,9 +15,10 @@ import pytest
 from support import free_port_pair, wait_until
 
 from freshrec.settings import ServeSettings, Settings, StreamSettings
+from learners.sasrec import SPARSE_TABLES
 from publishers.replica import Replica
 from publishers.snapshots import SnapshotStore
-from publishers.updates import SPARSE_TABLES, ModelVersion
+from publishers.updates import ModelVersion
 from serving.api import create_app
 from serving.recommender import Recommender
 from serving.server import ReadinessProbe, ServingStack, api_producers
@@ -109,7 +110,7 @@ def test_lag_and_an_unloaded_model_are_reasons(ready_settings: Settings) -> None
         assert probe().ready and probe().lag == 0
 
         tables = {table: np.zeros((2, 4), dtype=np.float32) for table in SPARSE_TABLES}
-        model = ModelVersion.build(1, tables, ["a", "b"], config={})
+        model = ModelVersion.build(1, tables, ["a", "b"], config={}, sparse_tables=SPARSE_TABLES)
         snapshots.save(model)  # a version exists, and this replica has not loaded it
         unloaded = probe()
         assert not unloaded.ready and "snapshot v1" in unloaded.reasons["model"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from learners.sasrec import SASRec, SASRecConfig
+from learners.sasrec import SPARSE_TABLES, SASRec, SASRecConfig
 from publishers.updates import ModelVersion
 from serving.retrieval import TABLE, RowStats, ServingIndex
 from serving.scan import QUANTIZE_FROM
@@ -18,7 +18,11 @@ def _version(items: int, *, number: int = 1, dim: int = 16, seed: int = 0) -> Mo
     model.init_rows(torch.arange(1, items + 1))
     params = {name: value.detach().numpy().copy() for name, value in model.state_dict().items()}
     return ModelVersion.build(
-        number, params, [None, *(f"i{n}" for n in range(items))], config=model.config.to_dict()
+        number,
+        params,
+        [None, *(f"i{n}" for n in range(items))],
+        config=model.config.to_dict(),
+        sparse_tables=SPARSE_TABLES,
     )
 
 
@@ -26,7 +30,11 @@ def _next(version: ModelVersion, *, changed: list[int], ids: list[str | None] | 
     params = {name: np.array(value) for name, value in version.params.items()}
     params[TABLE][changed] += 0.5
     return ModelVersion.build(
-        version.version + 1, params, ids or list(version.item_ids), config=dict(version.config)
+        version.version + 1,
+        params,
+        ids or list(version.item_ids),
+        config=dict(version.config),
+        sparse_tables=version.sparse_tables,
     )
 
 
