@@ -54,11 +54,12 @@ test: venv browser go tools
 lint: venv
 	$(BIN)/ruff format --check freshrec streams learners publishers serving evaluation freshrec_app tests bench
 	$(BIN)/ruff check freshrec streams learners publishers serving evaluation freshrec_app tests bench
+	$(BIN)/lint-imports
 
 typecheck: venv
 	$(BIN)/mypy
 
-## Format check, lint, strict typing, then the tests.
+## Format check, lint, the layers (import-linter), strict typing, then the tests.
 check: lint typecheck test
 
 ## Sink throughput against its baselines (see docs/benchmarks.md).

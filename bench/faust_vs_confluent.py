@@ -1,5 +1,6 @@
 """faust-streaming against confluent-kafka on the stream worker's simplest job, in the same run.
 
+    .venv/bin/pip install -e '.[bench]'   # faust-streaming is not a dependency of freshrec
     python bench/faust_vs_confluent.py [--events 200000]
 
 Both decode each message's JSON and count its item in a dict, reading the same topic (4 partitions,
