@@ -26,7 +26,7 @@ from typing import Any, Literal
 from freshrec.errors import ConfigError
 from freshrec.store import Store
 
-__all__ = ["QUERIES", "TABLES", "Panel", "Query", "bucket_for", "panel", "render", "run"]
+__all__ = ["QUERIES", "TABLES", "Panel", "Query", "bucket_for", "log_summary", "panel", "render", "run"]
 
 RANGE = {"since": "DateTime64(3)", "until": "DateTime64(3)"}
 _IN_RANGE = "{clock} >= {{since:DateTime64(3)}} AND {clock} < {{until:DateTime64(3)}}"
@@ -377,3 +377,26 @@ def _get(name: str) -> Query:
     if query is None:
         raise ConfigError(f"unknown query {name!r}; known: {', '.join(sorted(QUERIES))}")
     return query
+
+
+def log_summary(store: Store) -> dict[str, Any]:
+    """What the audit log holds: volumes, distinct keys, time range, dead letters by reason."""
+    events = store.table("events")
+    dead = store.table("dead_letters")
+    (rows, distinct_ids, users, items, first, last), = store.rows(
+        f"SELECT count(), uniqExact(event_id), uniqExact(user_id), uniqExact(item_id), "
+        f"toString(min(ts)), toString(max(ts)) FROM {events}"
+    )  # fmt: skip
+    by_type = dict(store.rows(f"SELECT type, count() FROM {events} GROUP BY type ORDER BY type"))
+    reasons = dict(store.rows(f"SELECT reason, count() FROM {dead} GROUP BY reason ORDER BY reason"))
+    return {
+        "events": int(rows),
+        "distinct_event_ids": int(distinct_ids),
+        "users": int(users),
+        "items": int(items),
+        "first_ts": first if rows else None,
+        "last_ts": last if rows else None,
+        "events_by_type": {str(k): int(v) for k, v in by_type.items()},
+        "dead_letters": int(sum(reasons.values())),
+        "dead_letters_by_reason": {str(k): int(v) for k, v in reasons.items()},
+    }

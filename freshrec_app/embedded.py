@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from freshrec.broker import LocalBroker
+from freshrec.queries import log_summary
 from freshrec.settings import Settings
 from freshrec.store import Store, open_store
 from streams import replay, sink
 from streams.replay import Progress
 
-__all__ = ["RunResult", "Shown", "first_recommendations", "run", "summary"]
+__all__ = ["RunResult", "Shown", "first_recommendations", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def run(
                 shown = first_recommendations(settings, store, dataset=dataset, users=show)
         else:
             stats = _serve_everything(settings, store)
-        return RunResult(replayed=replayed, sink=stats, summary=summary(store), shown=shown)
+        return RunResult(replayed=replayed, sink=stats, summary=log_summary(store), shown=shown)
     finally:
         store.close()
 
@@ -171,26 +172,3 @@ def _rows_of_dataset(store: Store, dataset: str) -> int:
         {"prefix": f"{dataset}:"},
     )
     return int(rows[0][0])
-
-
-def summary(store: Store) -> dict[str, Any]:
-    """What the audit log holds: volumes, distinct keys, time range, dead letters by reason."""
-    events = store.table("events")
-    dead = store.table("dead_letters")
-    (rows, distinct_ids, users, items, first, last), = store.rows(
-        f"SELECT count(), uniqExact(event_id), uniqExact(user_id), uniqExact(item_id), "
-        f"toString(min(ts)), toString(max(ts)) FROM {events}"
-    )  # fmt: skip
-    by_type = dict(store.rows(f"SELECT type, count() FROM {events} GROUP BY type ORDER BY type"))
-    reasons = dict(store.rows(f"SELECT reason, count() FROM {dead} GROUP BY reason ORDER BY reason"))
-    return {
-        "events": int(rows),
-        "distinct_event_ids": int(distinct_ids),
-        "users": int(users),
-        "items": int(items),
-        "first_ts": first if rows else None,
-        "last_ts": last if rows else None,
-        "events_by_type": {str(k): int(v) for k, v in by_type.items()},
-        "dead_letters": int(sum(reasons.values())),
-        "dead_letters_by_reason": {str(k): int(v) for k, v in reasons.items()},
-    }
