@@ -111,35 +111,36 @@ FROM (
 GROUP BY bucket HAVING transitions > 0 ORDER BY bucket
 """
 
-QUERIES: dict[str, Query] = {
-    "events_by_type": Query(
-        "Events per minute by type",
-        "Event time, not ingestion time: what users did. Rate per minute, averaged over each bucket.",
-        f"SELECT {_BUCKET.format(col='ts')} AS time, type, "
+
+def _events_per_minute(title: str, description: str, *, clock: str) -> Query:
+    """Events per minute by type, bucketed on ``clock`` (event time or ingestion time)."""
+    return Query(
+        title,
+        description,
+        f"SELECT {_BUCKET.format(col=clock)} AS time, type, "
         "count() * 60 / {bucket_s:UInt32} AS per_minute "
-        f"FROM {{events}} FINAL WHERE {_where('ts')} GROUP BY time, type ORDER BY time, type",
-        "events.ts",
+        f"FROM {{events}} FINAL WHERE {_where(clock)} GROUP BY time, type ORDER BY time, type",
+        f"events.{clock}",
         "timeseries",
         _SERIES,
         x="time",
         series="type",
         values=("per_minute",),
         unit="events/min",
+    )
+
+
+QUERIES: dict[str, Query] = {
+    "events_by_type": _events_per_minute(
+        "Events per minute by type",
+        "Event time, not ingestion time: what users did. Rate per minute, averaged over each bucket.",
+        clock="ts",
     ),
-    "events_received": Query(
+    "events_received": _events_per_minute(
         "Events received per minute by type",
         "Ingestion time: what the system received and stored, whatever the events' own time (a "
         "replay of 1997 ratings shows here as it is stored). Rate per minute over each bucket.",
-        f"SELECT {_BUCKET.format(col='ingested_at')} AS time, type, "
-        "count() * 60 / {bucket_s:UInt32} AS per_minute "
-        f"FROM {{events}} FINAL WHERE {_where('ingested_at')} GROUP BY time, type ORDER BY time, type",
-        "events.ingested_at",
-        "timeseries",
-        _SERIES,
-        x="time",
-        series="type",
-        values=("per_minute",),
-        unit="events/min",
+        clock="ingested_at",
     ),
     "dead_letter_rate": Query(
         "Dead letters per accepted event",
