@@ -209,6 +209,18 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        6,
+        "impressions.exploration",
+        (
+            """
+            ALTER TABLE {db}.impressions ADD COLUMN IF NOT EXISTS exploration String DEFAULT ''
+            CODEC(ZSTD(3))
+            COMMENT 'JSON, position 0 row only: what the policy could have shown (off-policy evaluation)'
+            AFTER served_at
+            """,
+        ),
+    ),
 )
 
 

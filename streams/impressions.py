@@ -1,8 +1,11 @@
 """The decision log: the ``impressions`` topic → ClickHouse ``impressions``, one row per served item.
 
 Each message is one response of the API (:func:`encode_impression`): request id, user, policy, model
-version, latency, and the items in order with their score, source, explore flag and propensity. The
-sink writes one row per item, exactly once across crashes by the same rule as the audit sink: rows
+version, latency, the items in order with their score, source, explore flag and propensity, and the
+response's :class:`Exploration`: what its policy could have shown and with which chance, so that
+another policy can be evaluated on the same traffic (``freshrec eval ips --policy``). The record is
+stored once per response, in the ``exploration`` column of its position-0 row. The sink writes one
+row per item, exactly once across crashes by the same rule as the audit sink: rows
 carry their Kafka ``(topic, partition, offset)``, and on assignment the sink reads the highest offset
 each table holds for the partition (``I`` in ``impressions``, ``D`` in ``dead_letters``). A message
 that is not a well-formed impression (only freshrec writes this topic, so a bug or a stranger) goes to
@@ -17,9 +20,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import orjson
 from confluent_kafka import Consumer, Message, TopicPartition
 
@@ -30,14 +36,87 @@ from streams.admin import check_consume_error, ensure_topics
 from streams.outage import StoreRetry
 from streams.sink import DEAD_LETTER_COLUMNS
 
-__all__ = ["IMPRESSION_COLUMNS", "ImpressionSink", "encode_impression", "impression_rows"]
+__all__ = ["IMPRESSION_COLUMNS", "Exploration", "ImpressionSink", "encode_impression", "impression_rows"]
 
 logger = logging.getLogger(__name__)
 
 IMPRESSION_COLUMNS = (
     "request_id", "user_id", "position", "item_id", "score", "source", "explore", "propensity",
-    "policy", "model_version", "latency_ms", "served_at", "topic", "partition", "offset",
+    "policy", "model_version", "latency_ms", "served_at", "exploration", "topic", "partition", "offset",
 )  # fmt: skip
+
+_QUANTUM = 100_000  # CTR means and UCB bonuses travel as integers in units of 1e-5
+
+
+@dataclass(frozen=True)
+class Exploration:
+    """What a response's policy could have shown, with enough of its state to recompute the chance of
+    any item under this policy or another one (other parameters, another policy) on the same request.
+
+    ``pool`` lists the fused ranking's first ``ranked`` items in order, then the other items the
+    exploration could draw (young index rows, new arrivals). ``mean`` is each pool item's CTR
+    posterior mean and ``bonus`` its uncertainty bonus per unit of ``ucb_c`` (the posterior's sd +
+    0.1 x the embedding's uncertainty): the uncertainty policy's softmax is
+    ``softmax((mean + ucb_c * bonus) / temperature)`` over the pool past the exploit slots.
+    ``catalogue`` counts what epsilon draws from uniformly. ``params`` holds the policy's parameters
+    (``explore_fraction``, ``ucb_c``, ``temperature``, ``epsilon``). Policies that draw no pool log
+    the ranking's first ``k`` items only.
+
+    On the wire, mean and bonus are integers in units of 1e-5 (a softmax logit moves by at most
+    1e-5 / temperature): about 20 bytes per pool item with its id.
+
+    >>> e = Exploration("uncertainty", {"ucb_c": 2.0}, k=2, catalogue=9, ranked=2, pool=["a", "b", "c"],
+    ...                 mean=np.array([0.1, 0.05, 0.2]), bonus=np.array([0.0, 0.3, 0.123456]))
+    >>> Exploration.from_json(e.to_json()).bonus.tolist()
+    [0.0, 0.3, 0.12346]
+    """
+
+    policy: str
+    params: dict[str, float]
+    k: int
+    catalogue: int
+    ranked: int
+    pool: list[str]
+    mean: npt.NDArray[np.float64]  # (len(pool),)
+    bonus: npt.NDArray[np.float64]  # (len(pool),)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "params": self.params,
+            "k": self.k,
+            "catalogue": self.catalogue,
+            "ranked": self.ranked,
+            "pool": self.pool,
+            "mean_e5": np.rint(self.mean * _QUANTUM).astype(np.int64).tolist(),
+            "bonus_e5": np.rint(self.bonus * _QUANTUM).astype(np.int64).tolist(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Exploration:
+        """The record of :meth:`to_json`; ``ValueError`` if it is not one."""
+        try:
+            pool = [str(item) for item in data["pool"]]
+            record = cls(
+                policy=str(data["policy"]),
+                params={str(k): float(v) for k, v in dict(data["params"]).items()},
+                k=int(data["k"]),
+                catalogue=int(data["catalogue"]),
+                ranked=int(data["ranked"]),
+                pool=pool,
+                mean=np.asarray(data["mean_e5"], dtype=np.float64) / _QUANTUM,
+                bonus=np.asarray(data["bonus_e5"], dtype=np.float64) / _QUANTUM,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not an exploration record: {exc!r}") from exc
+        if not (len(record.mean) == len(record.bonus) == len(pool)) or not 0 <= record.ranked <= len(pool):
+            raise ValueError("not an exploration record: pool, mean_e5 and bonus_e5 differ in length")
+        return record
+
+    @classmethod
+    def decode(cls, text: str) -> Exploration | None:
+        """The ``exploration`` column's value (empty: the response logged none)."""
+        return cls.from_json(orjson.loads(text)) if text else None
 
 
 def encode_impression(
@@ -49,19 +128,21 @@ def encode_impression(
     latency_ms: float,
     items: list[dict[str, Any]],
     served_at_ms: int | None = None,
+    exploration: Exploration | None = None,
 ) -> bytes:
     """One response as the JSON message of the ``impressions`` topic."""
-    return orjson.dumps(
-        {
-            "request_id": request_id,
-            "user_id": user_id,
-            "policy": policy,
-            "model_version": model_version,
-            "latency_ms": latency_ms,
-            "served_at": served_at_ms or int(time.time() * 1000),
-            "items": items,
-        }
-    )
+    message = {
+        "request_id": request_id,
+        "user_id": user_id,
+        "policy": policy,
+        "model_version": model_version,
+        "latency_ms": latency_ms,
+        "served_at": served_at_ms or int(time.time() * 1000),
+        "items": items,
+    }
+    if exploration is not None:
+        message["exploration"] = exploration.to_json()
+    return orjson.dumps(message)
 
 
 def impression_rows(value: bytes) -> list[tuple[Any, ...]]:
@@ -69,6 +150,9 @@ def impression_rows(value: bytes) -> list[tuple[Any, ...]]:
     try:
         data = orjson.loads(value)
         served = datetime.fromtimestamp(int(data["served_at"]) / 1000, UTC)
+        exploration = data.get("exploration")
+        if exploration is not None:  # checked here, so that a bad record is dead-lettered, not stored
+            exploration = orjson.dumps(Exploration.from_json(exploration).to_json()).decode()
         return [
             (
                 str(data["request_id"]),
@@ -83,10 +167,11 @@ def impression_rows(value: bytes) -> list[tuple[Any, ...]]:
                 int(data["model_version"]),
                 float(data["latency_ms"]),
                 served,
+                (exploration or "") if position == 0 else "",
             )
             for position, item in enumerate(data["items"])
         ]
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"not an impression: {exc}") from exc
 
 
