@@ -32,7 +32,11 @@ For a user and ``k``:
    - ``none``: the fused ranking only.
 
 Explore items take evenly spaced positions (not only the bottom, where position bias would starve
-them). Every response is a :class:`Recommendation`; :mod:`serving.api` logs it as an impression.
+them). Each response carries its :class:`~streams.impressions.Exploration`, logged with it: the
+ranking's head, the exploration pool with each item's CTR mean and uncertainty bonus, the catalogue
+size and the policy's parameters, so that any policy's chance of any item can be recomputed offline
+(``freshrec eval ips --policy``). Under ``none`` and ``epsilon`` the pool is the ranking's first k.
+Every response is a :class:`Recommendation`; :mod:`serving.api` logs it as an impression.
 """
 
 from __future__ import annotations
@@ -42,8 +46,8 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -55,6 +59,7 @@ from publishers.updates import ModelVersion
 from serving.fusion import SOURCES, LearnedFusion
 from serving.retrieval import RowStats, ServingIndex
 from serving.scan import ScanCounts
+from streams.impressions import Exploration
 from streams.reader import StateReader
 
 __all__ = ["SERVED_HEADS", "Recommendation", "Recommender", "ServedItem"]
@@ -85,6 +90,7 @@ class Recommendation:
     policy: str
     items: list[ServedItem]
     latency_ms: float
+    exploration: Exploration | None = None  # what the policy could have shown, for the decision log
 
 
 class Recommender:
@@ -102,6 +108,7 @@ class Recommender:
         self._popular_cache: tuple[float, list[tuple[str, float]]] | None = None
         self._known: list[str] = []  # the model's items, for epsilon's uniform draw
         self._known_set: set[str] = set()
+        self._listeners: list[Callable[[Recommendation], None]] = []
         unknown = set(settings.sources) - {*SOURCES, "mf"}
         if unknown:
             raise ConfigError(
@@ -172,19 +179,30 @@ class Recommender:
             ranked, source = self._rrf(user_id, lists, k)
         policy = self.settings.policy
         if policy == "uncertainty":
-            items = self._uncertainty(ranked, source, k, seen)
-        elif policy == "epsilon":
-            items = self._epsilon(ranked, source, k, seen)
+            items, exploration = self._uncertainty(ranked, source, k, seen)
         else:
-            items = [ServedItem(i, s, source[i], False, 1.0) for i, s in ranked[:k]]
-        return Recommendation(
+            if policy == "epsilon":
+                items = self._epsilon(ranked, source, k, seen)
+            else:
+                items = [ServedItem(i, s, source[i], False, 1.0) for i, s in ranked[:k]]
+            exploration = self._exploration(k, [item for item, _ in ranked[:k]], [])
+        result = Recommendation(
             request_id=request_id or uuid.uuid4().hex,
             user_id=user_id,
             model_version=0 if index is None else index.version.version,
             policy=policy,
             items=items,
             latency_ms=(time.perf_counter() - started) * 1000,
+            exploration=exploration,
         )
+        for listener in self._listeners:
+            listener(result)
+        return result
+
+    def on_decision(self, listener: Callable[[Recommendation], None]) -> None:
+        """Call ``listener`` with every response, as served (the simulator's off-policy check reads
+        the decisions in process)."""
+        self._listeners.append(listener)
 
     def _learned(
         self,
@@ -262,23 +280,67 @@ class Recommender:
                     pool.setdefault(item, 1.0)
         return pool
 
+    def _exploration(
+        self, k: int, head: list[str], names: list[str], names_embedding: np.ndarray | None = None
+    ) -> Exploration:
+        """The record of what this response could have shown: the ranking's ``head`` (in order) and
+        the other items of the exploration pool, ``names``, with their embedding uncertainty (looked
+        up when not given)."""
+        everything = head + names
+        if names_embedding is None:
+            embedding = self._embedding_uncertainty(everything)
+        else:
+            embedding = np.concatenate([self._embedding_uncertainty(head), names_embedding])
+        mean, bonus = self._bonus(everything, embedding)
+        settings = self.settings
+        params = {"explore_fraction": settings.explore_fraction, "ucb_c": settings.ucb_c,
+                  "temperature": settings.temperature, "epsilon": settings.epsilon}  # fmt: skip
+        return Exploration(
+            policy=settings.policy,
+            params=params,
+            k=k,
+            catalogue=self._catalogue_size(),
+            ranked=len(head),
+            pool=everything,
+            mean=mean,
+            bonus=bonus,
+        )
+
+    def _bonus(self, names: list[str], embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """CTR posterior means and the UCB bonus per unit of ``ucb_c`` (sd of the CTR posterior +
+        0.1 x embedding uncertainty) of ``names``."""
+        if self.reader is not None:
+            mean, variance = self.reader.ctr_moments(names)
+            sd = np.sqrt(variance)
+        else:
+            mean, sd = np.full(len(names), 0.05), np.full(len(names), 0.05)
+        return np.asarray(mean, dtype=np.float64), sd + 0.1 * embedding
+
+    def _embedding_uncertainty(self, names: Sequence[str]) -> np.ndarray:
+        """Each item's embedding uncertainty (1 for items the model has no row for)."""
+        index = self._index
+        if index is None:
+            return np.ones(len(names))
+        rows = np.array([index.row_of.get(item, -1) for item in names], dtype=np.int64)
+        return np.where(rows >= 0, index.uncertainty[np.maximum(rows, 0)], 1.0)
+
     def _uncertainty(
         self, ranked: list[tuple[str, float]], source: dict[str, str], k: int, seen: set[str]
-    ) -> list[ServedItem]:
+    ) -> tuple[list[ServedItem], Exploration]:
         slots = round(k * self.settings.explore_fraction)
         exploit = [item for item, _ in ranked[: k - slots]]
         tail = [item for item, _ in ranked[k - slots : k - slots + self.settings.candidates]]
         pool = self._pool(seen | set(exploit), tail) if slots else {}
         picks: list[ServedItem] = []
+        names = list(pool)  # the tail first, in the ranking's order, then young rows and new arrivals
+        embedding = np.fromiter(pool.values(), dtype=np.float64, count=len(names))
+        # The exploit items' moments too, in the same call: the record then lets a policy with fewer
+        # explore slots be evaluated (its pool starts earlier in the ranking).
+        exploration = self._exploration(k, exploit, names, embedding)
         if pool:
-            names = list(pool)
-            embedding = np.fromiter(pool.values(), dtype=np.float64, count=len(names))
-            if self.reader is not None:
-                mean, variance = self.reader.ctr_moments(names)
-                sd = np.sqrt(variance)
-            else:
-                mean, sd = np.full(len(names), 0.05), np.full(len(names), 0.05)
-            ucb = mean + self.settings.ucb_c * (sd + 0.1 * embedding)
+            exploration = replace(exploration, ranked=len(exploit) + len(tail))
+            mean, bonus = exploration.mean[len(exploit) :], exploration.bonus[len(exploit) :]
+            ucb = mean + self.settings.ucb_c * bonus
             logits = (ucb - ucb.max()) / self.settings.temperature
             p = np.exp(logits)
             p /= p.sum()
@@ -302,7 +364,7 @@ class Recommender:
                 break
             if item not in picked:
                 exploit_items.append(ServedItem(item, score, source[item], False, 1.0))
-        return _interleave(exploit_items, picks)
+        return _interleave(exploit_items, picks), exploration
 
     def _epsilon(
         self, ranked: list[tuple[str, float]], source: dict[str, str], k: int, seen: set[str]
@@ -327,6 +389,14 @@ class Recommender:
                     out.append(ServedItem(item, score, source[item], False, 1.0 - epsilon))
                     break
         return out
+
+    def _catalogue_size(self) -> int:
+        """How many items epsilon draws from (:meth:`_catalogue`), without building the list."""
+        if self.reader is None:
+            return len(self._known)
+        return len(self._known) + sum(
+            1 for i in self.reader.newest(self.settings.candidates) if i not in self._known_set
+        )
 
     def _catalogue(self) -> list[str]:
         """What epsilon draws from: the model's items (listed once per version) and the stream's
