@@ -26,6 +26,13 @@ Methods, all on the same requests:
 - ``transformer``: the serving index of the newest applied version (fine-tuned as the replay goes);
 - ``transformer_frozen``: the first version (trained once on the first ``finetune_every`` events),
   never updated;
+- ``transformer_stale``: the freshness control. From the first version on, a second fine-tuner
+  runs at every fine-tune with the same settings (epochs, budget, warm start, sparse and dense
+  publishes, to an in-memory sink) on a window of the same size as the served transformer's, but
+  holding the *oldest* events instead of the freshest. Against ``transformer_frozen`` the served
+  transformer gains from both more training and fresher data; against ``transformer_stale`` only
+  from fresher data (the first windows are the same events, so the two part only once the stream
+  has outgrown one window);
 - ``served``, ``served_explore``: the lists the API returns, ranked by the configured fusion
   (``FRESHREC_SERVE__FUSION``; the result's ``fusion`` says which).
 
@@ -62,6 +69,7 @@ from freshrec.errors import NothingToTrain
 from freshrec.settings import Settings
 from freshrec.store import Store
 from learners.finetune import FineTuner
+from publishers.memory import MemorySink
 from publishers.publisher import Publisher
 from publishers.replica import Replica, ReplicaSubscriber
 from publishers.snapshots import SnapshotStore
@@ -127,6 +135,7 @@ def run(
         "paired": evaluator.paired(),
         "finetunes": evaluator.finetunes,
         "frozen": evaluator.frozen_state(),
+        "stale": evaluator.stale_state(),
         "served_seen_share": {
             m: evaluator.seen_slots[m] / evaluator.slots[m] if evaluator.slots[m] else 0.0
             for m in evaluator.slots
@@ -182,10 +191,23 @@ def _replay(
         settings.model_copy(update={"train": first_train}), publisher=publisher, source=evaluator.freshest
     )
 
+    control_sink = MemorySink()
+    control_sink.on_version(evaluator.on_stale_version)
+    control = FineTuner(settings, publisher=control_sink, source=evaluator.stale_window)
+
     def finetune(at_event: int) -> int | None:
-        # The first cycle trains longer; the next ones warm-start from what it published.
+        # The first cycle trains longer; the next ones warm-start from what it published. The
+        # control starts from that first version and then trains beside the served transformer.
         try:
-            return (first if publisher.latest is None else tuner).cycle().version
+            if publisher.latest is None:
+                version = first.cycle().version
+                if publisher.latest is not None:
+                    control_sink.latest = publisher.latest
+                    evaluator.on_stale_version(publisher.latest)
+                return version
+            version = tuner.cycle().version
+            control.cycle()
+            return version
         except NothingToTrain as exc:
             logger.info("no fine-tune at event %d: %s", at_event, exc)
             return None

@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 METHODS: Final = (
     "popularity", "decayed_popularity", "cooccurrence", "mf",
-    "transformer", "transformer_frozen", "served", "served_explore",
+    "transformer", "transformer_frozen", "transformer_stale", "served", "served_explore",
 )  # fmt: skip
 SINGLE_SOURCES: Final = ("popularity", "decayed_popularity", "cooccurrence", "mf", "transformer")
 _Z95: Final = 1.959964
@@ -147,6 +147,10 @@ class ReplayEvaluator:
             reader=self.reader,
         )
         self.frozen: ServingIndex | None = None  # built once, from the first version applied
+        # The freshness control: trained as often and as much as the served transformer, on the
+        # oldest window instead of the freshest (see stale_window); its index follows each version.
+        self.stale: ServingIndex | None = None
+        self._stale_stats = RowStats()
         self.scores = {method: MethodScores() for method in METHODS}
         self.events = 0
         self.scorable = 0  # scored events whose item was known and not yet seen by the user
@@ -157,6 +161,7 @@ class ReplayEvaluator:
         self.seen_slots = {"served": 0, "served_explore": 0}
         self.slots = {"served": 0, "served_explore": 0}
         self.window: deque[tuple[str, str, int]] = deque(maxlen=settings.train.window_events)
+        self.oldest: list[tuple[str, str, int]] = []  # the first window_events learned events
         self._rng = random.Random(config.seed)
         self._seen: dict[str, set[str]] = {}
         self._seen_rows: dict[str, list[int]] = {}
@@ -202,7 +207,11 @@ class ReplayEvaluator:
             if seen_rows:
                 values[seen_rows] = -np.inf
             self.scores[method].add(rank_of(values, target), self.k)
-        for method, index in (("transformer", self.served.index), ("transformer_frozen", self.frozen)):
+        for method, index in (
+            ("transformer", self.served.index),
+            ("transformer_frozen", self.frozen),
+            ("transformer_stale", self.stale),
+        ):
             self.scores[method].add(_index_rank(index, history, seen, event.item_id, self.k), self.k)
         for method, recommender in (("served", self.served), ("served_explore", self.explore)):
             recommender._popular_cache = None  # event time, not wall time: see evaluation.replay
@@ -227,7 +236,10 @@ class ReplayEvaluator:
             self._seen_rows.setdefault(event.user_id, []).append(row)
         self._mirror_mf(len(counters.items))
         if event.type in LEARNED_TYPES:
-            self.window.append((event.user_id, event.item_id, event.ts_ms))
+            learned = (event.user_id, event.item_id, event.ts_ms)
+            self.window.append(learned)
+            if len(self.oldest) < (self.window.maxlen or 0):
+                self.oldest.append(learned)
         every = self.config.finetune_every
         if self.finetune is not None and every and self.events % every == 0:
             self._cycle()
@@ -235,6 +247,17 @@ class ReplayEvaluator:
     def freshest(self) -> tuple[Sequences, int]:
         """The fine-tune's window: the last ``window_events`` learned events seen so far."""
         return sequences_from_events(self.window), len(self.window)
+
+    def stale_window(self) -> tuple[Sequences, int]:
+        """The freshness control's window: as many events as :meth:`freshest` holds, the oldest
+        ones. Until the window is full the two are the same events; after, same size, no news."""
+        oldest = self.oldest[: len(self.window)]
+        return sequences_from_events(oldest), len(oldest)
+
+    def on_stale_version(self, version: ModelVersion) -> None:
+        """Index the control's newest version as serving would (same row statistics)."""
+        self._stale_stats.observe(version)
+        self.stale = self._index(version, self._stale_stats)
 
     # ------------------------------------------------------------------ methods
 
@@ -299,13 +322,16 @@ class ReplayEvaluator:
         if self.frozen is None:  # the first version: trained once, never updated
             stats = RowStats()
             stats.observe(version)
-            self.frozen = ServingIndex.build(
-                version,
-                stats,
-                max_uncertainty=self._serve.index_max_uncertainty,
-                max_pool=self._serve.explore_pool,
-                quantized=self._serve.quantized_scan,
-            )
+            self.frozen = self._index(version, stats)
+
+    def _index(self, version: ModelVersion, stats: RowStats) -> ServingIndex:
+        return ServingIndex.build(
+            version,
+            stats,
+            max_uncertainty=self._serve.index_max_uncertainty,
+            max_pool=self._serve.explore_pool,
+            quantized=self._serve.quantized_scan,
+        )
 
     def _cycle(self) -> None:
         assert self.finetune is not None
@@ -350,6 +376,19 @@ class ReplayEvaluator:
         params = {name: frozen.model.state_dict()[name].numpy() for name in frozen.version.params}
         return {"version": frozen.version.version, "state_checksum": state_checksum(params, frozen.item_of)}
 
+    def stale_state(self) -> dict[str, Any] | None:
+        """The freshness control's newest version, its checksum and its window's time span."""
+        if self.stale is None:
+            return None
+        oldest = self.oldest[: len(self.window)]
+        return {
+            "version": self.stale.version.version,
+            "state_checksum": self.stale.version.state_checksum,
+            "window_events": len(oldest),
+            "window_last_ts_ms": oldest[-1][2] if oldest else None,
+            "fresh_window_last_ts_ms": self.window[-1][2] if self.window else None,
+        }
+
     def summary(self) -> dict[str, dict[str, Any]]:
         return {method: scores.summary() for method, scores in self.scores.items()}
 
@@ -357,7 +396,11 @@ class ReplayEvaluator:
         """HR@k differences on the same requests, with their intervals: served against each single
         source, and what freshness buys the transformer."""
         pairs = [("served", source) for source in SINGLE_SOURCES]
-        pairs += [("served_explore", "served"), ("transformer", "transformer_frozen")]
+        pairs += [
+            ("served_explore", "served"),
+            ("transformer", "transformer_frozen"),
+            ("transformer", "transformer_stale"),
+        ]
         out: dict[str, dict[str, Any]] = {}
         for left, right in pairs:
             a = np.asarray(self.scores[left].gains) > 0

@@ -50,10 +50,13 @@ from publishers.updates import (
     ModelUpdate,
     ModelVersion,
     apply,
+    check_rows,
+    dense_child,
     dense_update,
     encode,
     payload_checksum,
     snapshot_update,
+    sparse_child,
     sparse_update,
 )
 from streams.admin import ensure_topics
@@ -158,26 +161,11 @@ class Publisher:
     ) -> Published:
         """Rows ``rows`` of the tables in ``params`` (and the ids of rows that changed hands)."""
         rows = np.unique(np.asarray(rows, dtype=np.int64))
-        size = len(item_ids)
-        for table in self._require_latest().sparse_tables:
-            if params[table].shape[0] != size:
-                raise ValueError(f"{table} has {params[table].shape[0]} rows but item_ids has {size}")
+        check_rows(self._require_latest(), params, item_ids)
 
         def build(version: int) -> tuple[ModelUpdate, ModelVersion]:
             base = self._require_latest()
-            child_params = dict(base.params)
-            for table in base.sparse_tables:
-                old = base.params[table]
-                grown = np.zeros((size, *old.shape[1:]), dtype=np.float32)
-                grown[: min(size, old.shape[0])] = old[:size]
-                grown[rows] = params[table][rows]
-                child_params[table] = grown
-            ids = (list(base.item_ids) + [None] * size)[:size]
-            for row in rows.tolist():
-                ids[row] = item_ids[row]
-            model = ModelVersion.build(
-                version, child_params, ids, config=base.config, sparse_tables=base.sparse_tables
-            )
+            model = sparse_child(base, version, params, item_ids, rows)
             return sparse_update(base, model, rows=rows, run_id=run_id), model
 
         return self._publish(build)
@@ -187,13 +175,7 @@ class Publisher:
 
         def build(version: int) -> tuple[ModelUpdate, ModelVersion]:
             base = self._require_latest()
-            child_params = dict(base.params)
-            for name, value in params.items():
-                if name not in base.sparse_tables:
-                    child_params[name] = value
-            model = ModelVersion.build(
-                version, child_params, base.item_ids, config=base.config, sparse_tables=base.sparse_tables
-            )
+            model = dense_child(base, version, params)
             return dense_update(base, model, run_id=run_id), model
 
         return self._publish(build)

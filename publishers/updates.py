@@ -47,11 +47,14 @@ __all__ = [
     "ModelVersion",
     "UpdateKind",
     "apply",
+    "check_rows",
     "decode",
+    "dense_child",
     "dense_update",
     "encode",
     "payload_checksum",
     "snapshot_update",
+    "sparse_child",
     "sparse_update",
     "state_checksum",
 ]
@@ -156,6 +159,48 @@ class ModelUpdate:
         if self.kind == "snapshot":
             return sum(self.table_rows.values())
         return 0
+
+
+def check_rows(base: ModelVersion, params: Mapping[str, Array], item_ids: Sequence[str | None]) -> None:
+    """Raise ``ValueError`` unless every sparse table of ``params`` has one row per item id."""
+    for table in base.sparse_tables:
+        if params[table].shape[0] != len(item_ids):
+            raise ValueError(f"{table} has {params[table].shape[0]} rows but item_ids has {len(item_ids)}")
+
+
+def sparse_child(
+    base: ModelVersion,
+    version: int,
+    params: Mapping[str, Array],
+    item_ids: Sequence[str | None],
+    rows: Array,
+) -> ModelVersion:
+    """``base`` with rows ``rows`` of its sparse tables (and their item ids) taken from ``params``;
+    the tables grow or shrink to ``len(item_ids)`` rows. Every other parameter stays ``base``'s: what a
+    replica holds after a sparse delta, whatever else the trainer has moved."""
+    size = len(item_ids)
+    child_params = dict(base.params)
+    for table in base.sparse_tables:
+        old = base.params[table]
+        grown = np.zeros((size, *old.shape[1:]), dtype=np.float32)
+        grown[: min(size, old.shape[0])] = old[:size]
+        grown[rows] = params[table][rows]
+        child_params[table] = grown
+    ids = (list(base.item_ids) + [None] * size)[:size]
+    for row in np.asarray(rows, dtype=np.int64).tolist():
+        ids[row] = item_ids[row]
+    return ModelVersion.build(
+        version, child_params, ids, config=base.config, sparse_tables=base.sparse_tables
+    )
+
+
+def dense_child(base: ModelVersion, version: int, params: Mapping[str, Array]) -> ModelVersion:
+    """``base`` with every parameter that is not a sparse table taken from ``params``."""
+    child_params = dict(base.params)
+    child_params.update((name, value) for name, value in params.items() if name not in base.sparse_tables)
+    return ModelVersion.build(
+        version, child_params, base.item_ids, config=base.config, sparse_tables=base.sparse_tables
+    )
 
 
 def sparse_update(parent: ModelVersion, child: ModelVersion, *, rows: Array, run_id: str = "") -> ModelUpdate:

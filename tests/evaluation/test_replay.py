@@ -178,7 +178,9 @@ def test_the_frozen_transformer_never_changes_and_the_replica_follows_each_finet
 ) -> None:
     stream = _popular_stream(600, users=20, items=40, seed=11)
     path = _write(tmp_path / "small.jsonl", stream)
-    settings = make_settings(train=SMALL_TRAIN)
+    # A window of 300 events: the fine-tunes at 150 and 300 see the same events as the freshness
+    # control, those at 450 and 600 do not.
+    settings = make_settings(train=SMALL_TRAIN.model_copy(update={"window_events": 300}))
     plot = tmp_path / "replay.png"
     workdir = tmp_path / "replay-models"
     result = replay_eval.run(
@@ -209,11 +211,23 @@ def test_the_frozen_transformer_never_changes_and_the_replica_follows_each_finet
     assert 200 < result["scored"] < 400  # about half, seeded
     scored = [p["scored"] for p in result["over_time"]]
     assert sum(scored) == result["scored"]
-    for name in ("transformer", "transformer_frozen", "served", "served_explore"):
+    for name in ("transformer", "transformer_frozen", "transformer_stale", "served", "served_explore"):
         lo, hi = result["methods"][name]["ci95"]
         assert lo <= result["methods"][name]["hr@10"] <= hi
     assert plot.stat().st_size > 10_000
     assert np.isfinite(result["paired"]["transformer - transformer_frozen"]["hr@10"])
+    assert np.isfinite(result["paired"]["transformer - transformer_stale"]["hr@10"])
+    # The freshness control trained at every fine-tune from the first version, on the oldest 300
+    # events (their last one is event 299, 60 s apart), while the served model ended on the newest.
+    stale = result["stale"]
+    assert stale["version"] > versions[0] and stale["state_checksum"] not in (
+        first.state_checksum,
+        last.state_checksum,
+    )
+    start_ms = 1_700_000_000_000
+    assert stale["window_events"] == 300
+    assert stale["window_last_ts_ms"] == start_ms + 60_000 * 299
+    assert stale["fresh_window_last_ts_ms"] == start_ms + 60_000 * 599
 
 
 def test_the_cli_prints_the_promised_json(settings: Settings, tmp_path: Path) -> None:
