@@ -708,20 +708,83 @@ def eval_replay(
 
 
 @eval_.command("ips")
-@click.option("--policy", help="Only responses served by this policy (uncertainty, epsilon, none).")
+@click.option(
+    "--policy",
+    type=click.Choice(["logging", "none", "epsilon", "uncertainty"]),
+    default="logging",
+    show_default=True,
+    help="Target policy. logging: the one that served (a check of the log); the others are "
+    "evaluated from each response's logged exploration record.",
+)
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Repeatable: a target parameter over the logged one "
+    "(epsilon; explore_fraction, ucb_c, temperature).",
+)
+@click.option(
+    "--estimator",
+    "estimators",
+    type=click.Choice(["ips", "snips", "dr"]),
+    multiple=True,
+    help="Repeatable; default: all three.",
+)
+@click.option("--logged-by", help="Only responses served by this policy (uncertainty, epsilon, none).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_ips(policy: str | None, as_json: bool) -> None:
-    """Inverse-propensity estimate of the served policy's click rate, from the decision log alone."""
+def eval_ips(
+    policy: str, params: tuple[str, ...], estimators: tuple[str, ...], logged_by: str | None, as_json: bool
+) -> None:
+    """Off-policy estimate of a policy's click rate per slot, from the decision log alone."""
     from evaluation import ips
+    from freshrec.errors import ConfigError
     from freshrec.store import open_store
 
     settings = _settings()
     with _errors():
+        values: dict[str, float] = {}
+        for param in params:
+            name, sep, value = param.partition("=")
+            try:
+                values[name.strip()] = float(value)
+            except ValueError:
+                sep = ""
+            if not sep:
+                raise ConfigError(f"--param {param!r}: write NAME=NUMBER, e.g. --param ucb_c=1.5")
+        if policy == "logging" and (values or estimators):
+            raise ConfigError(
+                "--param and --estimator apply to a target policy: add --policy none|epsilon|uncertainty"
+            )
         store = open_store(settings)
         try:
-            estimate = ips.evaluate(store, policy=policy)
+            if policy == "logging":
+                estimate = ips.evaluate(store, policy=logged_by)
+            else:
+                target = ips.evaluate_policy(
+                    store,
+                    policy=policy,
+                    params=values,
+                    estimators=estimators or ("ips", "snips", "dr"),
+                    logging_policy=logged_by,
+                )
         finally:
             store.close()
+    if policy != "logging":
+        if as_json:
+            _emit_json(target.to_json())
+            return
+        table = [
+            (r.estimator, f"{r.estimate:.4f}", f"[{r.ci_low:.4f}, {r.ci_high:.4f}]", f"{r.ess:,.0f}")
+            for r in target.results
+        ]
+        params_text = ", ".join(f"{k}={v:g}" for k, v in target.params.items()) or "no parameters"
+        title = (
+            f"{policy} ({params_text}) from {target.responses:,} responses logged by {target.logging}; "
+            f"observed CTR {target.observed_ctr:.4f}, unsupported {target.unsupported:.1%}"
+        )
+        _print_table(["estimator", "click rate per slot", "95% CI", "effective slots"], table, title=title)
+        return
     if as_json:
         _emit_json(estimate.to_json())
         return

@@ -9,16 +9,16 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import orjson
 import pytest
+from support import cli_env, freshrec_cli, sql_json
 
 from evaluation import ips
 from freshrec.settings import ServeSettings, Settings, StreamSettings
-from freshrec.store import Store
 from serving.recommender import Recommender
-from streams import sink
 from streams import worker as stream_worker
 from streams.admin import ensure_topics
 from streams.impressions import Exploration, encode_impression
@@ -136,11 +136,12 @@ def test_estimates_from_an_uncertainty_log_find_each_targets_true_click_rate(rea
         assert estimate.unsupported == 0.0
 
 
-def test_the_record_travels_through_kafka_and_clickhouse_and_is_evaluated_from_there(
-    reader: StateReader, settings: Settings, store: Store
+def test_the_record_travels_through_kafka_and_clickhouse_to_freshrec_eval_ips(
+    reader: StateReader, settings: Settings, tmp_path: Path
 ) -> None:
-    """Responses logged with their record, the sink's rows and the clicks in ClickHouse give the same
-    estimate as the responses in memory; a bad record is dead-lettered, not stored."""
+    """Responses logged with their record, stored by ``freshrec sink`` with the clicks, give
+    ``freshrec eval ips --policy`` the estimate the responses in memory give; a bad record is
+    dead-lettered, not stored."""
     ensure_topics(settings)
     recommender = Recommender(
         settings=ServeSettings(seed=4, candidates=100, fusion="rrf", policy="uncertainty"), reader=reader
@@ -167,17 +168,21 @@ def test_the_record_travels_through_kafka_and_clickhouse_and_is_evaluated_from_t
         broken = orjson.loads(message)
         broken["request_id"], broken["exploration"]["mean_e5"] = "req-bad", [1, 2]
         producer.produce(settings.topics.impressions, orjson.dumps(broken), key=b"new-user")
-    sink.run(settings, store, until_idle_s=1.5)
-    assert store.rows(
-        f"SELECT countIf(exploration != ''), countIf(position = 0) FROM {store.table('impressions')}"
-    ) == [(60, 60)]
-    assert store.rows(f"SELECT reason FROM {store.table('dead_letters')}") == [("bad_impression",)]
-    stored = ips.read_decisions(store)
-    by_request = sorted((f"req-{n}", d) for n, d in enumerate(decisions))  # ClickHouse's order
-    assert [(d.shown, d.clicked) for d in stored] == [(d.shown, d.clicked) for _, d in by_request]
-    from_store = ips.evaluate_policy(store, policy="uncertainty", params={"ucb_c": 1.0})
+    env = cli_env(settings, dsn=f"chdb://{tmp_path / 'ope-db'}")
+    freshrec_cli("sink", "--until-idle", "2", env=env)
+    db = settings.clickhouse_database
+    counts = sql_json(f"SELECT countIf(exploration != '') AS records, countIf(position = 0) AS responses "
+                      f"FROM {db}.impressions", env=env)  # fmt: skip
+    assert counts == [{"records": 60, "responses": 60}]
+    assert sql_json(f"SELECT reason FROM {db}.dead_letters", env=env) == [{"reason": "bad_impression"}]
+    out = freshrec_cli("eval", "ips", "--policy", "uncertainty", "--param", "ucb_c=1", "--json", env=env)
+    from_store = orjson.loads(out.stdout)
     in_memory = ips.evaluate_decisions(decisions, "uncertainty", {"ucb_c": 1.0})
-    for a, b in zip(from_store.results, in_memory.results, strict=True):
-        assert a.estimate == pytest.approx(b.estimate, rel=1e-3, abs=1e-4)  # means travel to 1e-5
-    with pytest.raises(Exception, match="epsilon takes no parameter"):
-        ips.evaluate_policy(store, policy="epsilon", params={"ucb_c": 1.0})
+    assert from_store["responses"] == 60 and from_store["logging"] == "uncertainty"
+    assert from_store["observed_ctr"] == pytest.approx(in_memory.observed_ctr)
+    assert from_store["params"]["ucb_c"] == 1.0
+    for a, b in zip(from_store["estimates"], in_memory.results, strict=True):
+        assert a["estimator"] == b.estimator
+        assert a["estimate"] == pytest.approx(b.estimate, rel=1e-3, abs=1e-4)  # means travel to 1e-5
+    wrong = freshrec_cli("eval", "ips", "--policy", "epsilon", "--param", "ucb_c=1", env=env, check=False)
+    assert wrong.returncode != 0 and "epsilon takes no parameter" in wrong.stderr
