@@ -47,11 +47,9 @@ a batch ``consume()`` loop measured ~30x faster than a faust agent doing the sam
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import Any
 
 import orjson
@@ -63,6 +61,7 @@ from freshrec.faults import fault_point
 from freshrec.settings import Settings
 from freshrec.store import Store
 from streams.admin import check_consume_error, ensure_topics
+from streams.consume import consume_loop, stop_on_signals
 from streams.dedup import RecentIds
 from streams.outage import StoreRetry, one_line
 from streams.producer import EventProducer
@@ -150,20 +149,16 @@ class AuditSink:
         # queue and are delivered when it is back (a deadline would drop them from the topic).
         self._producer = EventProducer(self._settings, **{"message.timeout.ms": 0})
         self._consumer.subscribe([self._topic], on_assign=self._on_assign)
-        last_message = time.monotonic()
         try:
-            while not self._stop.is_set():
-                messages = self._consumer.consume(self._batch_size, self._batch_timeout_s)
-                if messages:
-                    self._process(messages)
-                    last_message = time.monotonic()
-                elif (
-                    until_idle_s is not None
-                    and time.monotonic() - max(last_message, self._assigned_at) >= until_idle_s
-                    and self._consumer.assignment()
-                ):
-                    logger.info("no message for %.1f s: drained, stopping", until_idle_s)
-                    break
+            consume_loop(
+                self._consumer,
+                batch_size=self._batch_size,
+                timeout_s=self._batch_timeout_s,
+                stop=self._stop,
+                on_batch=self._process,
+                until_idle_s=until_idle_s,
+                assigned_at=lambda: self._assigned_at,
+            )
         finally:
             self._close()
         return self.stats
@@ -405,17 +400,13 @@ def run(settings: Settings, store: Store, *, until_idle_s: float | None = None) 
         sampler = threading.Thread(target=lag.run, name="freshrec-lag-sampler", daemon=True)
         sampler.start()
 
-    def _stop(signum: int, _frame: FrameType | None) -> None:
-        logger.info("signal %d: stopping after the current batch", signum)
+    def _stop() -> None:
         sink.stop()
         impressions.stop()
 
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, _stop)
     try:
-        return sink.run(until_idle_s=until_idle_s)
+        with stop_on_signals(_stop, what="stopping after the current batch"):
+            return sink.run(until_idle_s=until_idle_s)
     except KafkaException as exc:
         raise KafkaUnavailable(f"Kafka failed under the sink: {exc}") from exc
     finally:
@@ -424,5 +415,3 @@ def run(settings: Settings, store: Store, *, until_idle_s: float | None = None) 
         if lag is not None and sampler is not None:
             lag.stop()  # a last sample, after both sinks committed
             sampler.join(30)
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
