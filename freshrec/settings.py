@@ -158,6 +158,18 @@ class StreamSettings(BaseModel):
         "opt-in, engagement (read by nothing in serving).",
     )
     max_users: int = Field(1_000_000, ge=1, description="Users with a history; the least recent are evicted.")
+    changelog: bool = Field(
+        True,
+        description="Snapshot each partition's state to the compacted topic state.<roles> and restore "
+        "it from there when a partition is assigned (off: a worker starts its partitions from offset 0).",
+    )
+    session_timeout_ms: int = Field(
+        30_000,
+        ge=6_000,
+        le=300_000,
+        description="Consumer session timeout: how long the partitions of a killed worker wait before "
+        "moving to the others (a worker restarted with its worker_id gets them back at once).",
+    )
     roles: tuple[str, ...] = Field(
         STREAM_ROLES,
         min_length=1,

@@ -1,44 +1,55 @@
-"""Stream workers: ``events`` → validated → real-time counters, exactly once across ``kill -9``.
+"""Stream workers: ``events`` → validated → real-time state per partition, exactly once across
+``kill -9`` and across workers joining and leaving.
 
-**Exactly-once state.** A worker's state (counters, the recent-id set) and the Kafka offsets it
-reflects are written together, atomically, to one checkpoint file under
-``$FRESHREC_HOME/stream/<group>/<worker_id>.ckpt`` (write to a temporary file, fsync, rename). On start
-the worker loads it and seeks every assigned partition to the checkpointed offset, so the events
-after the checkpoint are applied exactly once more, and since the counters' final state does not
-depend on batching or order (see :mod:`streams.counters`), the result equals an uninterrupted run's.
-Kafka's committed offsets are not used for this: they could never be atomic with a local file.
-After each checkpoint is on disk the worker commits its offsets to Kafka asynchronously, for
-monitoring only (``consumer_lag``, :mod:`streams.lag`): positions always come from the checkpoint,
-or the beginning of the partition without one, never from the committed offsets.
+**State per partition.** A worker keeps one state store per partition of ``events`` it owns
+(:class:`~streams.stores.PartitionStore`: counters, CTR, histories, co-occurrence, recent ids,
+heads, and the input offsets they reflect); readers see them merged (:class:`StreamState`). Each
+store is a deterministic function of the prefix of its partition it has applied: the counters do
+not depend on batching or order (see :mod:`streams.counters`), a user's history and co-occurrence
+follow the order of the user's partition, which is the same on every read, and a head learns its
+partition's events in that order. That is what lets a partition move to any worker and resume
+exactly.
 
-Why a local file rather than ClickHouse or a compacted topic: the checkpoint is the worker's
-private, fast, whole-state snapshot (tens of MB of numpy arrays), written every few seconds and read
-only by the same worker on restart; a file rename is the cheapest atomic write there is. The cost is
-that a worker's state lives on its disk: workers are stateful (a volume per worker in the
-docker-compose stack) and use **static group membership** (``group.instance.id`` = the worker id), so a
-restarted worker gets its own partitions back at once instead of after a session timeout.
+**Changelog: Kafka is the source of truth.** Every ``checkpoint_interval_s`` (and at least ten
+times the snapshot's pause apart) the partitions that moved on are snapshotted, with the offsets
+they reflect, to the compacted topic ``state.<roles>`` (:mod:`streams.changelog`). When a partition
+is assigned, its newest complete snapshot is restored from that topic and the partition is read
+from the snapshot's offsets: the events after it are applied once more, and since the state is a
+function of the applied prefix, the result equals an uninterrupted run's. A worker with an empty
+``FRESHREC_HOME``, on a new machine, restores the same way. When partitions are revoked (a worker
+joins or leaves), the worker first flushes their snapshot synchronously, so their next owner starts
+where it stopped; a worker killed with ``kill -9`` flushes nothing, and its partitions' next owner
+replays from the last snapshot. Kafka's committed offsets are advisory (``consumer_lag``): positions
+always come from the snapshot, or the beginning of the partition without one.
 
-**Limitation (by design, for now)**: state is per worker, not per partition. A stable set of workers
-keeps its partitions (static membership, and the assignor is deterministic), and then each worker's
-counters cover exactly its partitions: the union over workers is the whole stream. Changing the
-number of workers moves partitions whose counts stay with their old owner; the fix is per-partition
-state (counts kept per partition and merged at read time), planned with the read API.
+On Linux the worker **forks** to snapshot (as Redis's BGSAVE does): the child owns a copy-on-write
+image of the state, encodes each changed partition and writes them to a local hand-off file
+(``$FRESHREC_HOME/stream/<group>/<worker_id>.ckpt``), which a thread of the worker then sends to the
+changelog; the pause is the fork, not a copy of the state. The file is never read back as state.
 
-**Duplicates**: an ``event_id`` already counted, within the last ``dedup_horizon``/2 to
-``dedup_horizon`` ids, is not counted again; the id set is part of the checkpoint.
+**Rescaling.** Workers join and leave a group at any time (``docker-compose up --scale
+stream=3``): the group rebalances, revoked partitions are flushed, assigned ones restored. The
+assignor is Kafka's default range assignor, which gives the same partition of ``events`` and of
+``impressions`` (keyed alike, by user) to the same worker, as a partition's CTR join needs;
+cooperative-sticky assignment would not keep them together. A worker that gets back a partition it
+held until the rebalance keeps its state in memory instead of restoring it. Static membership
+(``group.instance.id`` = the worker id) lets a restarted worker take its partitions back at once.
+
+**Duplicates**: an ``event_id`` already counted in its partition, within the last
+``dedup_horizon``/2 to ``dedup_horizon`` ids of that partition, is not counted again (re-sends carry
+the same key, so land in the same partition).
 **Bad events** are skipped and counted (the audit sink dead-letters them); they never stop a worker.
-**Late events** count in ``total`` always, in a window only while their bucket is in it.
-**Heads** (river models, given by whoever builds the worker) learn from every counted event and are
-checkpointed with the rest: no event is learned twice or lost across a crash. Unlike the counters,
-SGD depends on the order of events, and the interleaving of partitions differs between runs, so after
-a replay a head's weights equal an uninterrupted run's only when the topic has one partition (each
-user's own order is always kept).
+**Late events** count in ``total`` always, in a window only while their bucket is in its
+partition's window.
+**Heads** (river models, given by whoever builds the worker) are kept **one per partition**: each
+partition's copy learns that partition's events in their order, so heads too resume exactly and move
+with their partition. A head's score for a user comes from the head of the user's partition
+(:class:`~streams.stores.RoutedHead`). The cost: each copy learns item factors from its partition's
+users only.
 
 **Roles**: a worker keeps ``counters`` (item counters, CTR), ``sequences`` (histories,
 co-occurrence) and ``heads`` (river), or any subset (``FRESHREC_STREAM__ROLES``). A subset is its own
-consumer group (``<group>.<roles>``) that reads every partition, so each role scales on its own
-cores: one process doing everything is bound by one core (see ``docs/benchmarks.md``), and the
-heads, the costliest per event, no longer delay what the counters make visible.
+consumer group (``<group>.<roles>``) with its own changelog, so each role scales on its own cores.
 :class:`~streams.reader.StateReader` reads each part from the worker that keeps it.
 
 Why confluent-kafka and not faust here: this is the per-event hot path; see ``docs/benchmarks.md``.
@@ -46,6 +57,7 @@ Why confluent-kafka and not faust here: this is the per-event hot path; see ``do
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import pickle
@@ -55,7 +67,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -64,23 +76,31 @@ from typing import Any
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 
-from freshrec.errors import InvalidEvent
+from freshrec.errors import FreshrecError, InvalidEvent
 from freshrec.events import Event, parse_event
 from freshrec.processes import die_with_parent
 from freshrec.settings import Settings
 from streams.admin import check_consume_error, ensure_topics
+from streams.changelog import Changelog, encode_state
 from streams.clicks import ClickThrough
 from streams.cooccurrence import CoOccurrence
 from streams.counters import CounterConfig, ItemCounters
 from streams.dedup import RecentIds
 from streams.heads import Head
 from streams.histories import UserHistories
+from streams.stores import (
+    MergedClicks,
+    MergedCoOccurrence,
+    MergedCounters,
+    MergedHistories,
+    MergedRecent,
+    PartitionStore,
+    RoutedHead,
+)
 
 __all__ = ["CheckpointStore", "StreamState", "StreamStats", "StreamWorker", "run"]
 
 logger = logging.getLogger(__name__)
-
-_CHECKPOINT_VERSION = 1
 
 
 @dataclass(slots=True)
@@ -91,73 +111,99 @@ class StreamStats:
     duplicates: int = 0
     batches: int = 0
     checkpoints: int = 0
+    restored: int = 0  # partitions restored from the changelog
+    flushed: int = 0  # partition snapshots written on revocation or exit
 
 
 class StreamState:
-    """What a worker checkpoints: counters, histories, co-occurrence, CTR, heads, recent ids, offsets."""
+    """A worker's state: a :class:`~streams.stores.PartitionStore` per owned partition of
+    ``events`` (``stores``), read merged through ``counters``, ``histories``, ``cooccurrence``,
+    ``clicks``, ``recent`` and ``heads``; see :mod:`streams.stores`."""
 
-    def __init__(
-        self,
-        *,
-        counters: ItemCounters,
-        recent: RecentIds,
-        histories: UserHistories | None = None,
-        heads: dict[str, Head] | None = None,
-        cooccurrence: CoOccurrence | None = None,
-        clicks: ClickThrough | None = None,
-    ) -> None:
-        self.counters = counters
-        self.recent = recent
-        # ``is None``, not ``or``: an empty state is falsy (it has a length), and ``or`` replaced the
-        # configured one (history length, co-occurrence threshold) with the defaults.
-        self.histories = histories if histories is not None else UserHistories()
-        self.cooccurrence = cooccurrence if cooccurrence is not None else CoOccurrence()
-        self.clicks = clicks if clicks is not None else ClickThrough()
-        self.heads = heads if heads is not None else {}
-        self.offsets: dict[tuple[str, int], int] = {}  # next offset to read, per (topic, partition)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "version": _CHECKPOINT_VERSION,
-            "counters": self.counters.state_dict(),
-            "recent": self.recent.state_dict(),
-            "histories": self.histories.state_dict(),
-            "cooccurrence": self.cooccurrence.state_dict(),
-            "clicks": self.clicks.state_dict(),
-            "heads": {name: head.state_dict() for name, head in self.heads.items()},
-            "offsets": dict(self.offsets),
+    def __init__(self, settings: Settings, *, heads: Mapping[str, Head] | None = None) -> None:
+        config = settings.stream
+        self._settings = settings
+        self._topics = settings.topics
+        self.counter_config = CounterConfig(
+            half_life_s=config.half_life_s,
+            windows_s=config.windows_s,
+            buckets=config.window_buckets,
+            max_items=config.max_items,
+        )
+        self.stores: dict[int, PartitionStore] = {}
+        self._prototypes = {name: copy.deepcopy(head) for name, head in (heads or {}).items()}
+        self.counters = MergedCounters(self.stores, self.counter_config)
+        self.histories = MergedHistories(self.stores, max_len=config.history_len)
+        self.cooccurrence = MergedCoOccurrence(self.stores, min_count=config.cooccurrence_min_count)
+        defaults = ClickThrough()
+        self.clicks = MergedClicks(self.stores, alpha=defaults.alpha, beta=defaults.beta)
+        self.recent = MergedRecent(self.stores)
+        self.heads: dict[str, RoutedHead] = {
+            name: RoutedHead(name, head, self.stores, settings.broker_partitions)
+            for name, head in self._prototypes.items()
         }
 
+    def set_partition_count(self, partitions: int) -> None:
+        """How many partitions ``events`` has: what routes a user to their partition's head."""
+        for head in self.heads.values():
+            head.partitions = partitions
+
+    def new_store(self) -> PartitionStore:
+        """An empty store, configured as this worker's settings say."""
+        config = self._settings.stream
+        return PartitionStore(
+            counters=ItemCounters(self.counter_config),
+            recent=RecentIds(config.dedup_horizon),
+            histories=UserHistories(max_len=config.history_len, max_users=config.max_users),
+            cooccurrence=CoOccurrence(min_count=config.cooccurrence_min_count),
+            clicks=ClickThrough(),
+            heads={name: copy.deepcopy(head) for name, head in self._prototypes.items()},
+        )
+
+    def store(self, partition: int) -> PartitionStore:
+        """The store of ``partition``, created empty if this worker has none yet."""
+        store = self.stores.get(partition)
+        if store is None:
+            store = self.stores[partition] = self.new_store()
+        return store
+
+    @property
+    def offsets(self) -> dict[tuple[str, int], int]:
+        """The next offset to read per (topic, partition), over every store."""
+        return {
+            (topic, partition): offset
+            for partition, store in self.stores.items()
+            for topic, offset in store.offsets.items()
+        }
+
+    @offsets.setter
+    def offsets(self, offsets: Mapping[tuple[str, int], int]) -> None:
+        for (topic, partition), offset in offsets.items():
+            self.store(partition).offsets[topic] = offset
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"partitions": {partition: store.state_dict() for partition, store in self.stores.items()}}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != _CHECKPOINT_VERSION:
-            raise ValueError(f"checkpoint version {state.get('version')} is not {_CHECKPOINT_VERSION}")
-        self.counters.load_state_dict(state["counters"])
-        self.recent.load_state_dict(state["recent"])
-        self.histories.load_state_dict(state["histories"])
-        self.cooccurrence.load_state_dict(state["cooccurrence"])
-        self.clicks.load_state_dict(state["clicks"])
-        if set(state["heads"]) != set(self.heads):
-            raise ValueError(
-                f"checkpoint has heads {sorted(state['heads'])}, this worker {sorted(self.heads)}"
-            )
-        for name, head in self.heads.items():
-            head.load_state_dict(state["heads"][name])
-        self.offsets = dict(state["offsets"])
+        self.stores.clear()
+        for partition, store_state in state["partitions"].items():
+            self.store(int(partition)).load_state_dict(store_state)
 
 
 class CheckpointStore:
-    """One file per worker, replaced atomically (temporary file, fsync, rename, fsync of the folder)."""
+    """The local hand-off file of a forked snapshot, replaced atomically (temporary file, fsync,
+    rename). Written by the child, read by the worker's uploader; never read back as state."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
     def load(self) -> dict[str, Any] | None:
-        # A write interrupted by kill -9 leaves its temporary file behind; it was never the checkpoint.
+        # A write interrupted by kill -9 leaves its temporary file behind; it was never a snapshot.
         for stale in self.path.parent.glob(f".{self.path.name}-*"):
             stale.unlink(missing_ok=True)
         try:
             with self.path.open("rb") as handle:
-                state: dict[str, Any] = pickle.load(handle)  # our own file, written by save()
+                state: dict[str, Any] = pickle.load(handle)  # our own file: a dict of bytes payloads
         except FileNotFoundError:
             return None
         return state
@@ -181,12 +227,17 @@ class CheckpointStore:
 _CAN_FORK = sys.platform == "linux"
 
 
-def _fork_writer(store: CheckpointStore, state: StreamState) -> int:
-    """Fork a child that writes ``state`` (as of now) to ``store`` and exits; returns its pid.
+def _encode_stores(stores: Mapping[int, PartitionStore], partitions: Collection[int]) -> dict[int, bytes]:
+    return {partition: encode_state(stores[partition].state_dict()) for partition in partitions}
 
-    The child only pickles and writes: it takes no lock, logs nothing and touches no Kafka client,
-    so the threads the fork leaves behind cannot deadlock it. It dies with the worker (a
-    ``kill -9`` of the worker must not let an old snapshot land after a restart's newer one).
+
+def _fork_writer(
+    store: CheckpointStore, stores: Mapping[int, PartitionStore], partitions: Collection[int]
+) -> int:
+    """Fork a child that encodes ``partitions`` (as of now) into ``store`` and exits; returns its pid.
+
+    The child only encodes and writes: it takes no lock, logs nothing and touches no Kafka client,
+    so the threads the fork leaves behind cannot deadlock it. It dies with the worker.
     """
     parent = os.getpid()
     with warnings.catch_warnings():
@@ -198,7 +249,7 @@ def _fork_writer(store: CheckpointStore, state: StreamState) -> int:
     try:
         if not die_with_parent(parent, signal.SIGKILL):  # the worker died before the fork's request
             os._exit(1)
-        store.save(state.state_dict())
+        store.save({"payloads": _encode_stores(stores, partitions)})
         code = 0
     finally:
         os._exit(code)
@@ -217,44 +268,42 @@ def _observe_served(observe: Callable[[str, str, str | None], None], value: byte
         observe("impression", item, request_id)
 
 
+@dataclass(slots=True)
+class _Batch:
+    """One partition's share of a consumed batch, parsed outside the lock."""
+
+    events: list[Event]
+    served: list[bytes]  # messages of the impressions topic
+    offsets: dict[str, int]
+
+
 class StreamWorker:
-    """Consume ``events`` as part of a group and keep :class:`StreamState` up to date."""
+    """Consume ``events`` as part of a group and keep a :class:`StreamState` per partition."""
 
     def __init__(self, settings: Settings, *, heads: Mapping[str, Head] | None = None) -> None:
-        """``heads``: the incremental models this worker feeds (``learners.registry.build_heads``
-        builds the ones the settings name); none when omitted or without the ``heads`` role."""
+        """``heads``: the incremental models this worker feeds, one copy per partition
+        (``learners.registry.build_heads`` builds the ones the settings name); none when omitted
+        or without the ``heads`` role."""
         self._settings = settings
         config = settings.stream
         self._topic = settings.topics.events
         self._impressions = settings.topics.impressions
-        self.state = StreamState(
-            counters=ItemCounters(
-                CounterConfig(
-                    half_life_s=config.half_life_s,
-                    windows_s=config.windows_s,
-                    buckets=config.window_buckets,
-                    max_items=config.max_items,
-                )
-            ),
-            recent=RecentIds(config.dedup_horizon),
-            histories=UserHistories(max_len=config.history_len, max_users=config.max_users),
-            heads=dict(heads or {}) if "heads" in config.roles else {},
-            cooccurrence=CoOccurrence(min_count=config.cooccurrence_min_count),
-        )
         self.roles = frozenset(config.roles)
+        self.state = StreamState(settings, heads=heads if "heads" in config.roles else None)
         group = config.effective_group_id
         self.store = CheckpointStore(settings.home / "stream" / group / f"{config.worker_id}.ckpt")
         self.stats = StreamStats()
         self._stop = threading.Event()
         self._assigned_at = 0.0
         self._lock = threading.Lock()  # readers take it to see whole batches only
-        self.assigned: frozenset[int] = frozenset()  # partitions currently owned
-        self._checkpoint_s = 0.0  # what the last checkpoint's snapshot cost the worker thread
-        self._writer: threading.Thread | None = None
-        self._child: int | None = None  # pid of a forked checkpoint writer still running
+        self.assigned: frozenset[int] = frozenset()  # partitions of ``events`` currently owned
+        self._checkpoint_s = 0.0  # what the last snapshot's pause cost the worker thread
+        self._uploader: threading.Thread | None = None
+        self._uploaded: dict[int, dict[str, int]] = {}  # set by the uploader: what reached the changelog
+        self._snapshotted: dict[int, dict[str, int]] = {}  # offsets of each partition's newest snapshot
+        self._flushed: frozenset[int] = frozenset()  # flushed at the last revocation, still in memory
+        self._changelog: Changelog | None = None
         self._consumer: Consumer | None = None
-        self._written: dict[tuple[str, int], int] | None = None  # offsets of the checkpoint being written
-        self._write_ok = False  # the thread writer (no fork) succeeded
         self._newest_ms: int | None = None  # newest event time applied (the TTL's clock)
         self._closing = False
 
@@ -266,11 +315,36 @@ class StreamWorker:
         """Held while a batch is applied: hold it to read a consistent state."""
         return self._lock
 
+    @property
+    def changelog(self) -> Changelog:
+        """The changelog of this worker's group (created on first use: it needs Kafka)."""
+        if self._changelog is None:
+            self._changelog = Changelog(self._settings)
+        return self._changelog
+
+    def restore(self, partitions: Collection[int] | None = None) -> dict[int, dict[str, int]]:
+        """Load the newest snapshot of ``partitions`` (every partition with one, when None) from the
+        changelog into this worker's state; partitions without one start empty. Returns the offsets
+        each restored partition reflects."""
+        snapshots = self.changelog.restore(partitions)
+        restored: dict[int, dict[str, int]] = {}
+        stores: dict[int, PartitionStore] = {}
+        for partition in sorted(set(snapshots) if partitions is None else set(partitions)):
+            store = stores[partition] = self.state.new_store()
+            snapshot = snapshots.get(partition)
+            if snapshot is not None:
+                store.load_state_dict(snapshot.state())
+                if store.offsets != snapshot.offsets:
+                    raise ValueError(f"snapshot of partition {partition} names other offsets than it holds")
+                restored[partition] = dict(snapshot.offsets)
+        with self._lock:
+            self.state.stores.update(stores)
+        for partition in stores:
+            self._snapshotted[partition] = dict(restored.get(partition, {}))
+        self.stats.restored += len(restored)
+        return restored
+
     def run(self, *, until_idle_s: float | None = None) -> StreamStats:
-        saved = self.store.load()
-        if saved is not None:
-            self.state.load_state_dict(saved)
-            logger.info("resumed from %s at offsets %s", self.store.path, self.state.offsets)
         ensure_topics(self._settings)
         config = self._settings.stream
         consumer = Consumer(
@@ -278,16 +352,23 @@ class StreamWorker:
                 **{
                     "group.id": config.effective_group_id,
                     "group.instance.id": f"{config.effective_group_id}-{config.worker_id}",
-                    "enable.auto.commit": False,  # positions come from the checkpoint
+                    "enable.auto.commit": False,  # positions come from the snapshots
                     "auto.offset.reset": "earliest",
-                    "session.timeout.ms": 30_000,
+                    "session.timeout.ms": config.session_timeout_ms,
                     "log_level": 3,
                 }
             )
         )
+        try:
+            metadata = consumer.list_topics(self._topic, timeout=30)
+            self.state.set_partition_count(len(metadata.topics[self._topic].partitions))
+        except KafkaException as exc:
+            logger.warning("could not read the partition count of %s: %s", self._topic, exc)
         # The counters role also reads the decision log: served impressions feed the CTR posteriors.
         topics = [self._topic, self._impressions] if "counters" in self.roles else [self._topic]
-        consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
+        consumer.subscribe(
+            topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
         self._consumer = consumer
         last_message = last_checkpoint = time.monotonic()
         try:
@@ -308,84 +389,113 @@ class StreamWorker:
                 ):
                     logger.info("no message for %.1f s: drained, stopping", until_idle_s)
                     break
-            self.checkpoint(wait=True)
+            self._flush(self.state.stores)
         finally:
-            self._previous_checkpoint_done(wait=True)
-            self._closing = True  # the revoke that close() triggers is not a move
+            self._upload_done(wait=True)
+            self._closing = True  # the revoke that close() triggers flushes nothing new
             self._consumer = None
             consumer.close()
+            if self._changelog is not None:
+                self._changelog.close()
         return self.stats
 
-    def checkpoint(self, *, wait: bool = False) -> None:
-        """Write state and offsets together, pausing ingestion as briefly as possible.
+    # ------------------------------------------------------------------ snapshots
 
-        On Linux the worker **forks** under the lock (as Redis's BGSAVE does): the child owns a
-        copy-on-write image of the state at this instant, pickles it, writes and fsyncs the file and
-        exits, while the worker goes on at once; the pause is the fork (page tables), not a copy of
-        the state. Elsewhere the snapshot (``state_dict``, independent copies) is taken under the lock
-        and written by a thread. While a write is still going a new checkpoint is skipped (``wait``
-        waits instead, as the final one does). The loop spaces checkpoints at least ten times the
-        pause apart, so checkpointing costs the worker at most ~10% however large the state grows.
+    def _dirty(self, partitions: Collection[int]) -> list[int]:
+        stores = self.state.stores
+        return sorted(p for p in partitions if p in stores and stores[p].offsets != self._snapshotted.get(p))
+
+    def checkpoint(self, *, wait: bool = False) -> None:
+        """Snapshot the partitions that moved on since their last snapshot to the changelog,
+        pausing ingestion as briefly as possible.
+
+        On Linux the worker forks under the lock and a thread sends what the child encoded; elsewhere
+        the state is encoded under the lock and sent by a thread. While a snapshot is still on its way a
+        new one is skipped (``wait`` waits for it instead). The loop spaces snapshots at least ten
+        times the pause apart, so they cost the worker at most ~10% however large the state grows.
         """
-        if not self._previous_checkpoint_done(wait=wait):
+        if not self._settings.stream.changelog or not self._upload_done(wait=wait):
             return
         started = time.monotonic()
         with self._lock:
             ttl_s, newest = self._settings.stream.user_ttl_s, self._newest_ms
             if ttl_s is not None and newest is not None:
-                self.state.histories.expire(before_ms=newest - int(ttl_s * 1000))
-            self._written = dict(self.state.offsets)
+                for store in self.state.stores.values():
+                    store.histories.expire(before_ms=newest - int(ttl_s * 1000))
+            dirty = self._dirty(self.state.stores)
+            if not dirty:
+                return
+            offsets = {p: dict(self.state.stores[p].offsets) for p in dirty}
+            child = 0
+            payloads: dict[int, bytes] | None = None
             if _CAN_FORK:
-                self._child = _fork_writer(self.store, self.state)
+                child = _fork_writer(self.store, self.state.stores, dirty)
             else:
-                state = self.state.state_dict()
+                payloads = _encode_stores(self.state.stores, dirty)
         self._checkpoint_s = time.monotonic() - started
-        if not _CAN_FORK:
+        changelog = self.changelog
 
-            def write() -> None:
-                self._write_ok = False
-                self.store.save(state)
-                self.stats.checkpoints += 1
-                self._write_ok = True
+        def upload() -> None:
+            data = payloads
+            if data is None:
+                _, status = os.waitpid(child, 0)
+                if os.waitstatus_to_exitcode(status) != 0:
+                    logger.error("snapshot writer exited with %d", os.waitstatus_to_exitcode(status))
+                    return
+                saved = self.store.load()
+                if saved is None:
+                    return
+                data = saved["payloads"]
+            try:
+                for partition, payload in data.items():
+                    changelog.write(partition, payload, offsets[partition])
+                    self._uploaded[partition] = offsets[partition]
+            except FreshrecError as exc:  # the previous snapshots stay; the next round tries again
+                logger.error("snapshot not written to the changelog: %s", exc)
 
-            self._writer = threading.Thread(target=write, name="freshrec-checkpoint")
-            self._writer.start()
+        self._uploader = threading.Thread(target=upload, name="freshrec-snapshot")
+        self._uploader.start()
         if wait:
-            self._previous_checkpoint_done(wait=True)
+            self._upload_done(wait=True)
 
-    def _previous_checkpoint_done(self, *, wait: bool) -> bool:
-        """Whether the last checkpoint's write has finished (waiting for it when ``wait``)."""
-        writer = self._writer
-        if writer is not None and writer.is_alive():
-            if not wait:
+    def _upload_done(self, *, wait: bool) -> bool:
+        """Whether the last snapshot has reached the changelog (waiting for it when ``wait``)."""
+        uploader = self._uploader
+        if uploader is not None:
+            if uploader.is_alive() and not wait:
                 return False
-            writer.join()
-        if writer is not None:
-            self._writer = None
-            if self._write_ok:
-                self._commit_written(wait=wait)
-        if self._child is not None:
-            pid, status = os.waitpid(self._child, 0 if wait else os.WNOHANG)
-            if pid == 0:
-                return False
-            self._child = None
-            if os.waitstatus_to_exitcode(status) == 0:
+            uploader.join()
+            self._uploader = None
+            uploaded, self._uploaded = self._uploaded, {}
+            if uploaded:
+                self._snapshotted.update(uploaded)
                 self.stats.checkpoints += 1
-                self._commit_written(wait=wait)
-            else:
-                # The previous file stays (the rename is the commit): no state is lost, the next
-                # checkpoint tries again.
-                logger.error("checkpoint writer exited with %d", os.waitstatus_to_exitcode(status))
+                self._commit(uploaded)
         return True
 
-    def _commit_written(self, *, wait: bool) -> None:
-        """Tell Kafka the offsets of the checkpoint now on disk: for monitoring (consumer lag) only,
-        never read back (see the module docstring). Best effort: a failed commit costs nothing."""
-        offsets, consumer = self._written, self._consumer
-        self._written = None
-        if not offsets or consumer is None:
+    def _flush(self, partitions: Collection[int]) -> None:
+        """Snapshot ``partitions`` now, on this thread (a revocation, the end of a run), after any
+        snapshot on its way, so that their next owner starts where this worker stopped."""
+        if not self._settings.stream.changelog:
             return
-        partitions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        self._upload_done(wait=True)
+        dirty = self._dirty(partitions)
+        for partition in dirty:
+            store = self.state.stores[partition]
+            offsets = dict(store.offsets)
+            self.changelog.write(partition, encode_state(store.state_dict()), offsets)
+            self._snapshotted[partition] = offsets
+        self.stats.flushed += len(dirty)
+        if dirty:
+            self._commit({p: self._snapshotted[p] for p in dirty}, wait=True)
+
+    def _commit(self, offsets: Mapping[int, Mapping[str, int]], *, wait: bool = False) -> None:
+        """Tell Kafka the offsets of the snapshots now in the changelog: for monitoring (consumer lag)
+        only, never read back. Best effort: a failed commit costs nothing."""
+        consumer = self._consumer
+        if consumer is None or self._closing:
+            return
+        partitions = [TopicPartition(t, p, o) for p, by_topic in offsets.items() for t, o in by_topic.items()]
         try:
             if wait:
                 consumer.commit(offsets=partitions, asynchronous=False)
@@ -394,36 +504,76 @@ class StreamWorker:
         except KafkaException as exc:
             logger.debug("advisory offset commit failed: %s", exc)
 
+    # ------------------------------------------------------------------ rebalancing
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Idleness counts from the (re)assignment: a slow group join is not an empty topic.
         self._assigned_at = time.monotonic()
+        owned = {tp.partition for tp in partitions if tp.topic == self._topic}
+        kept = owned & self._flushed  # held until this rebalance, flushed: memory is the newest
+        with self._lock:
+            for partition in set(self.state.stores) - kept:
+                del self.state.stores[partition]
+        for partition in set(self._snapshotted) - kept:
+            del self._snapshotted[partition]
+        wanted = sorted(owned - kept)
+        if self._settings.stream.changelog and wanted:
+            started = time.monotonic()
+            restored = self.restore(wanted)
+            logger.info(
+                "restored partitions %s from %s in %.2f s (%s without a snapshot)",
+                sorted(restored),
+                self.changelog.topic,
+                time.monotonic() - started,
+                sorted(set(wanted) - set(restored)),
+            )
+        else:
+            with self._lock:
+                for partition in wanted:
+                    self.state.store(partition)
         for tp in partitions:
-            tp.offset = self.state.offsets.get((tp.topic, tp.partition), OFFSET_BEGINNING)
+            store = self.state.stores.get(tp.partition)
+            if store is None:  # an impressions partition whose events partition went elsewhere
+                logger.warning(
+                    "partition %d of %s assigned without its events partition", tp.partition, tp.topic
+                )
+                tp.offset = OFFSET_BEGINNING
+                continue
+            tp.offset = store.offsets.get(tp.topic, OFFSET_BEGINNING)
         consumer.assign(partitions)
-        self.assigned = frozenset(tp.partition for tp in partitions if tp.topic == self._topic)
-        logger.info("assigned %s", [(tp.partition, tp.offset) for tp in partitions])
+        self._flushed = frozenset()
+        self.assigned = frozenset(owned)
+        logger.info("assigned %s", [(tp.topic, tp.partition, tp.offset) for tp in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        revoked = {(tp.topic, tp.partition) for tp in partitions}
-        counted = revoked & set(self.state.offsets)
-        if counted and not self._closing:
-            # Per-worker state cannot hand these partitions' counts to their next owner; see the
-            # module docstring: workers are meant to keep their partitions (static membership).
-            logger.warning("partitions %s, already counted here, move to another worker", sorted(counted))
-        self.assigned = self.assigned - {p for (t, p) in revoked if t == self._topic}
+        revoked = {tp.partition for tp in partitions if tp.topic == self._topic}
+        held = revoked & set(self.state.stores)
+        if held and not self._closing:
+            self._flush(held)
+        self._flushed = frozenset(held)
+        self.assigned = self.assigned - revoked
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Partitions taken away without a revocation (this worker missed its session): another
+        worker may own them already, so nothing is flushed and their state here is dropped."""
+        lost = {tp.partition for tp in partitions if tp.topic == self._topic}
+        logger.warning("partitions %s lost (session expired): dropping their state", sorted(lost))
+        with self._lock:
+            for partition in lost:
+                self.state.stores.pop(partition, None)
+        for partition in lost:
+            self._snapshotted.pop(partition, None)
+        self._flushed = frozenset()
+        self.assigned = self.assigned - lost
+
+    # ------------------------------------------------------------------ applying
 
     def _apply(self, messages: list[Message]) -> None:
         now_ms = int(time.time() * 1000)
         skew = self._settings.max_future_skew_ms
-        recent = self.state.recent
-        learned: list[Event] = []
-        users: list[str] = []
-        items: list[str] = []
-        types: list[str] = []
-        stamps: list[int] = []
-        offsets: dict[tuple[str, int], int] = {}
-        served: list[bytes] = []  # messages of the impressions topic
         stats = self.stats
+        batches: dict[int, _Batch] = {}
+        stores = self.state.stores
         for message in messages:
             error = message.error()
             if error is not None:
@@ -431,10 +581,17 @@ class StreamWorker:
                 continue
             stats.consumed += 1
             # partition() and offset() are never None once error() is None; the stubs cannot know.
-            topic = message.topic()
-            offsets[(topic, message.partition())] = message.offset() + 1  # type: ignore[index,operator]
+            topic: str = message.topic()  # type: ignore[assignment]
+            partition: int = message.partition()  # type: ignore[assignment]
+            batch = batches.get(partition)
+            if batch is None:
+                batch = batches[partition] = _Batch([], [], {})
+                if partition not in stores:
+                    with self._lock:
+                        self.state.store(partition)
+            batch.offsets[topic] = message.offset() + 1  # type: ignore[operator]
             if topic == self._impressions:
-                served.append(message.value() or b"")
+                batch.served.append(message.value() or b"")
                 continue
             kafka_ts = message.timestamp()[1]
             reference_ms = kafka_ts if 0 < kafka_ts < now_ms else now_ms  # as the sink: replay-stable
@@ -443,48 +600,59 @@ class StreamWorker:
             except InvalidEvent:
                 stats.invalid += 1
                 continue
+            recent = stores[partition].recent
             if event.event_id in recent:
                 stats.duplicates += 1
                 continue
             recent.add(event.event_id)
-            learned.append(event)
-            users.append(event.user_id)
-            items.append(event.item_id)
-            types.append(event.type)
-            stamps.append(event.ts_ms)
+            batch.events.append(event)
         roles = self.roles
+        counted = 0
+        newest = self._newest_ms
         with self._lock:
-            if "counters" in roles:
-                self.state.counters.update(items, types, stamps)
-                observe_click = self.state.clicks.observe
-                for value in served:  # impressions first: a batch's clicks then find theirs
-                    _observe_served(observe_click, value)
-                for event in learned:
-                    if event.type == "impression" or event.type == "click":
-                        observe_click(event.type, event.item_id, event.request_id)
-            if "sequences" in roles:
-                histories = self.state.histories
-                self.state.cooccurrence.observe_batch(users, items, histories.recent_items)
-                histories.append(users, items, types, stamps)
-            for head in self.state.heads.values():
-                learn = head.learn_one
-                for event in learned:
-                    learn(event)
-            self.state.offsets.update(offsets)
-        stats.counted += len(items)
-        if stamps:
-            self._newest_ms = max(self._newest_ms or 0, max(stamps))
+            for partition, batch in batches.items():
+                store = stores[partition]
+                learned = batch.events
+                if learned:
+                    users = [event.user_id for event in learned]
+                    items = [event.item_id for event in learned]
+                    types = [event.type for event in learned]
+                    stamps = [event.ts_ms for event in learned]
+                    counted += len(items)
+                    top = max(stamps)
+                    newest = top if newest is None else max(newest, top)
+                else:
+                    users, items, types, stamps = [], [], [], []
+                if "counters" in roles:
+                    store.counters.update(items, types, stamps)
+                    observe_click = store.clicks.observe
+                    for value in batch.served:  # impressions first: a batch's clicks then find theirs
+                        _observe_served(observe_click, value)
+                    for event in learned:
+                        if event.type == "impression" or event.type == "click":
+                            observe_click(event.type, event.item_id, event.request_id)
+                if "sequences" in roles and learned:
+                    histories = store.histories
+                    store.cooccurrence.observe_batch(users, items, histories.recent_items)
+                    histories.append(users, items, types, stamps)
+                for head in store.heads.values():
+                    learn = head.learn_one
+                    for event in learned:
+                        learn(event)
+                store.offsets.update(batch.offsets)
+        stats.counted += counted
+        self._newest_ms = newest
         stats.batches += 1
 
 
 def run(
     settings: Settings, *, heads: Mapping[str, Head] | None = None, until_idle_s: float | None = None
 ) -> tuple[StreamWorker, StreamStats]:
-    """Run a stream worker in this thread; SIGINT/SIGTERM checkpoint and stop it."""
+    """Run a stream worker in this thread; SIGINT/SIGTERM snapshot and stop it."""
     worker = StreamWorker(settings, heads=heads)
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
-        logger.info("signal %d: checkpointing and stopping", signum)
+        logger.info("signal %d: snapshotting and stopping", signum)
         worker.stop()
 
     previous = {}

@@ -10,7 +10,6 @@ printed in every assertion message; ``FRESHREC_FAULT_SEED=<seed>`` replays a fai
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import signal
 import subprocess
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 from support import cli_env, freshrec_cli, wait_until
 
 from freshrec.settings import Settings, StreamSettings
@@ -64,6 +65,18 @@ def _worker_env(settings: Settings) -> dict[str, str]:
         "FRESHREC_STREAM__BATCH_SIZE": str(stream.batch_size),
         "FRESHREC_STREAM__BATCH_TIMEOUT_S": str(stream.batch_timeout_s),
     }
+
+
+def _member_ids(settings: Settings) -> set[str]:
+    """Member ids of the stream group's members that have partitions (a restarted worker gets a
+    new one)."""
+    admin = AdminClient(settings.kafka_config(log_level=3))
+    group = settings.stream.effective_group_id
+    try:
+        description = admin.describe_consumer_groups([group], request_timeout=10)[group].result()
+    except KafkaException:
+        return set()
+    return {m.member_id for m in description.members if m.assignment.topic_partitions}
 
 
 def _events(seed: int) -> list[tuple[bytes, bytes]]:
@@ -127,6 +140,7 @@ def test_seeded_kill_9s_of_the_stream_worker_end_like_an_uninterrupted_run(
                 delay = rng.uniform(0.0, 0.6)
             plan.append(f"{'start' if during_start else 'after-checkpoint'}+{delay:.2f}s")
             seen = checkpoint.stat().st_mtime_ns if checkpoint.exists() else 0
+            members = _member_ids(settings)
             process = subprocess.Popen(
                 [sys.executable, "-m", "freshrec_app", "stream"],
                 env=env,
@@ -137,10 +151,13 @@ def test_seeded_kill_9s_of_the_stream_worker_end_like_an_uninterrupted_run(
                 if during_start:
                     time.sleep(delay)  # anywhere in start-up: imports, group join, first batches
                 else:
+                    # A snapshot after start-up; or, once nothing new arrives (snapshots are taken
+                    # of partitions that moved on only), the worker's own membership of the group.
                     wait_until(
-                        lambda s=seen, p=process: (  # type: ignore[misc]
+                        lambda s=seen, p=process, m=members: (  # type: ignore[misc]
                             (checkpoint.exists() and checkpoint.stat().st_mtime_ns > s)
                             or p.poll() is not None
+                            or (not producer.is_alive() and bool(_member_ids(settings) - m))
                         ),
                         timeout_s=120,
                     )
@@ -167,8 +184,9 @@ def test_seeded_kill_9s_of_the_stream_worker_end_like_an_uninterrupted_run(
     resent = len(records) - TOTAL - sum(1 for _, v in records if v == b"{broken")
     assert (ref_stats.counted, ref_stats.duplicates) == (TOTAL, resent), replay
 
-    killed = StreamWorker(settings, heads=build_heads(settings.stream)).state
-    killed.load_state_dict(pickle.loads(checkpoint.read_bytes()))
+    restarted = StreamWorker(settings, heads=build_heads(settings.stream))
+    restarted.restore()  # the killed group's state, from Kafka alone
+    killed = restarted.state
     ref = reference.state
     mismatches: list[str] = []
     if set(killed.counters.items.ids()) != set(ref.counters.items.ids()):

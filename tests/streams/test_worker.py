@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import signal
 import subprocess
@@ -78,10 +77,12 @@ def test_counters_after_a_replay_equal_the_dataset(make_settings: Callable[..., 
         by_user.setdefault(e["user_id"], []).append(e["item_id"])
     keep = settings.stream.history_len
     assert all(worker.state.histories.items(user) == seq[-keep:] for user, seq in by_user.items())
-    # The checkpoint on exit holds the same state and the offsets it reflects.
-    saved = StreamWorker(settings, heads=build_heads(settings.stream)).state
-    saved.load_state_dict(pickle.loads(worker.store.path.read_bytes()))
+    # The snapshots flushed on exit hold the same state and the offsets it reflects.
+    restored = StreamWorker(settings, heads=build_heads(settings.stream))
+    assert sorted(restored.restore()) == list(range(settings.broker_partitions))
+    saved = restored.state
     assert np.array_equal(saved.counters.scores("total"), counters.scores("total"))
+    assert saved.counters.items.ids() == counters.items.ids()
     assert sum(saved.offsets.values()) == 100_000
 
 
@@ -173,8 +174,9 @@ def test_kill_9_and_restart_end_exactly_like_an_uninterrupted_run(
     ref_stats = reference.run(until_idle_s=1.5)
     assert ref_stats.counted == total and ref_stats.duplicates == total // 97 + 1
 
-    killed = StreamWorker(settings, heads=build_heads(settings.stream)).state
-    killed.load_state_dict(pickle.loads(checkpoint.read_bytes()))
+    restarted = StreamWorker(settings, heads=build_heads(settings.stream))
+    restarted.restore()  # from Kafka alone
+    killed = restarted.state
     ref = reference.state.counters
     assert killed.counters.items.ids() and set(killed.counters.items.ids()) == set(ref.items.ids())
     for item in ref.items.ids():
@@ -270,9 +272,9 @@ def test_roles_split_into_groups_whose_union_is_one_full_worker(
     # Co-occurrence is exact until pruning (which depends on how partitions interleave): compare
     # unpruned counts.
     assert full.state.cooccurrence.pruned == sequences.cooccurrence.pruned == 0
-    assert dict(sequences.cooccurrence.state_dict()["counts"]) == dict(
-        full.state.cooccurrence.state_dict()["counts"]
-    )
+    assert {p: dict(store.cooccurrence.state_dict()["counts"]) for p, store in sequences.stores.items()} == {
+        p: dict(store.cooccurrence.state_dict()["counts"]) for p, store in full.state.stores.items()
+    }
     assert not sequences.counters.items.ids()
     # A StateReader over the three answers as one over the full worker does.
     split, whole = StateReader(*parts.values()), StateReader(full)
