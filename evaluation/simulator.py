@@ -17,6 +17,14 @@ user's.
 Compared on the same seed: ``none`` (no exploration), ``epsilon`` and ``uncertainty``. Reported:
 click rate per request, catalogue coverage, and for the good new items how many requests after their
 release they needed to be **served widely** (shown ``widely`` times), if they ever were.
+
+**Off-policy evaluation against the truth** (:func:`ope`, ``freshrec simulate --ope``): a logging
+policy runs and its decisions (each response's exploration record, what was shown, what was
+clicked) are collected in process; every target policy is estimated from that log
+(:mod:`evaluation.ips`), then run on-policy on the same seed, and its click rate per slot is the
+truth. The truth comes from a different closed loop (the target learns from its own feedback), so
+the comparison holds the estimators and their item-level assumption to what a team would want to
+know, not only to their own model.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 
+from evaluation import ips
+from evaluation.ope import ESTIMATORS
 from freshrec.errors import DatasetError
 from freshrec.settings import ServeSettings, Settings, StreamSettings, TrainSettings
 from learners.finetune import FineTuner
@@ -44,12 +54,34 @@ from publishers.publisher import Publisher
 from publishers.snapshots import SnapshotStore
 from serving.server import ServingStack
 from streams.admin import ensure_topics
+from streams.impressions import Exploration
 
-__all__ = ["PolicyRun", "SimConfig", "World", "paired", "run", "run_policy"]
+__all__ = [
+    "OPE_TARGETS",
+    "PolicyRun",
+    "SimConfig",
+    "World",
+    "ope",
+    "ope_summary",
+    "paired",
+    "run",
+    "run_policy",
+]
 
 logger = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float64]
+
+# Targets of ``freshrec simulate --ope`` (the logging policy is uncertainty with the defaults:
+# ucb_c 2, epsilon 0.1): no exploration, epsilon on either side of its default, a weaker and a
+# stronger uncertainty bonus.
+OPE_TARGETS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("none", {}),
+    ("epsilon", {"epsilon": 0.05}),
+    ("epsilon", {"epsilon": 0.2}),
+    ("uncertainty", {"ucb_c": 1.0}),
+    ("uncertainty", {"ucb_c": 3.0}),
+)
 
 
 @dataclass(frozen=True)
@@ -166,9 +198,17 @@ class PolicyRun:
 
 
 def run_policy(
-    base: Settings, policy: str, config: SimConfig, world_factory: Callable[[], World], port: int
+    base: Settings,
+    policy: str,
+    config: SimConfig,
+    world_factory: Callable[[], World],
+    port: int,
+    *,
+    params: dict[str, float] | None = None,
+    decisions: list[ips.Decision] | None = None,
 ) -> tuple[PolicyRun, int]:
-    """One closed-loop run of ``policy`` on its own topics, database prefix and home."""
+    """One closed-loop run of ``policy`` (``params``: its serving settings, e.g. ``ucb_c``) on its own
+    topics, database prefix and home; with ``decisions``, every response is appended to it."""
     world = world_factory()
     rng = np.random.default_rng(config.seed + 1)
     tag = f"sim-{policy}-{config.seed}-{uuid.uuid4().hex[:6]}"
@@ -180,12 +220,21 @@ def run_policy(
             "api_token": None,
             "stream": StreamSettings(group_id=tag, batch_timeout_s=0.05, heads=("mf",)),
             "train": TrainSettings(max_len=20, dim=32, blocks=1, epochs=3, negatives=256, budget_s=20),
-            "serve": ServeSettings(policy=policy, seed=config.seed),
+            "serve": ServeSettings(policy=policy, seed=config.seed, **(params or {})),
         }
     )
     ensure_topics(settings)
     publisher = Publisher(settings, snapshots=SnapshotStore.for_settings(settings))
     stack = ServingStack(settings)
+    records: dict[str, Exploration] = {}
+    if decisions is not None:
+        stack.recommender.on_decision(
+            lambda served: (
+                records.__setitem__(served.request_id, served.exploration)
+                if served.exploration is not None
+                else None
+            )
+        )
     tuner = FineTuner(settings, publisher=publisher, source=lambda: (_histories(stack, world), 0))
     result = PolicyRun(policy=policy, seed=config.seed)
     now = int(time.time() * 1000)
@@ -242,6 +291,9 @@ def run_policy(
                         for i in clicked
                     ]  # fmt: skip
                     http.post("/v1/events", json=clicks).raise_for_status()
+                record = records.pop(body["request_id"], None)
+                if decisions is not None and record is not None:
+                    decisions.append(ips.Decision(record, shown, frozenset(clicked)))
                 result.requests += 1
                 result.clicks += len(clicked)
                 result.shown.update(shown)
@@ -279,11 +331,7 @@ def run(
     plot: Path | None,
 ) -> list[dict[str, Any]]:
     """Every policy on every seed; returns one summary per run and writes the plot."""
-    if settings.datasets_dir is None or not (settings.datasets_dir / "ml-100k" / "u.data.gz").exists():
-        raise DatasetError(
-            "the simulator fits its users on ml-100k: set FRESHREC_DATASETS_DIR to where it is"
-        )
-    path = settings.datasets_dir / "ml-100k" / "u.data.gz"
+    path = _dataset(settings)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise here
     summaries, runs = [], []
     for seed in seeds:
@@ -298,6 +346,142 @@ def run(
     if plot is not None:
         _plot(runs, plot, config)
     return summaries
+
+
+def ope(
+    settings: Settings,
+    config: SimConfig,
+    *,
+    seeds: tuple[int, ...],
+    port: int,
+    logging_policy: tuple[str, dict[str, float]] = ("uncertainty", {}),
+    targets: tuple[tuple[str, dict[str, float]], ...] = OPE_TARGETS,
+    estimators: tuple[str, ...] = ESTIMATORS,
+    plot: Path | None = None,
+) -> dict[str, Any]:
+    """Per seed: run the logging policy, estimate every target from its decisions, run each target
+    on-policy for its true click rate per slot. Returns ``{"ope": [...], "summary": [...], "runs":
+    [...]}``: one row per seed, target and estimator, each estimator's coverage and mean relative
+    error, and every run's summary."""
+    path = _dataset(settings)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    rows: list[dict[str, Any]] = []
+    summaries: list[dict[str, Any]] = []
+    for seed in seeds:
+        seeded = SimConfig(**{**asdict(config), "seed": seed})
+        world = functools.partial(World.from_movielens, path, seeded)
+        decisions: list[ips.Decision] = []
+        name, params = logging_policy
+        logger.info("simulating the logging policy %s %s, seed %d", name, params, seed)
+        logged, catalogue = run_policy(
+            settings, name, seeded, world, port, params=params, decisions=decisions
+        )
+        summaries.append(logged.summary(catalogue) | {"params": params, "role": "logging"})
+        for policy, target_params in targets:
+            estimate = ips.evaluate_decisions(decisions, policy, target_params, estimators=estimators)
+            logger.info("simulating the target %s %s on-policy, seed %d", policy, target_params, seed)
+            truth_run, catalogue = run_policy(settings, policy, seeded, world, port, params=target_params)
+            summaries.append(truth_run.summary(catalogue) | {"params": target_params, "role": "target"})
+            truth = truth_run.clicks / max(sum(truth_run.shown.values()), 1)
+            for result in estimate.results:
+                rows.append(
+                    {
+                        "seed": seed,
+                        "logging": name,
+                        "target": policy,
+                        "params": target_params,
+                        "estimator": result.estimator,
+                        "estimate": result.estimate,
+                        "ci95": [result.ci_low, result.ci_high],
+                        "truth": truth,
+                        "ess": result.ess,
+                        "unsupported": estimate.unsupported,
+                        "logged_ctr": estimate.observed_ctr,
+                    }
+                )
+    if plot is not None:
+        _plot_ope(rows, plot)
+    return {"ope": rows, "summary": ope_summary(rows), "runs": summaries}
+
+
+def ope_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per estimator: how often the truth lies in its 95% interval, and its mean relative error.
+
+    >>> rows = [{"estimator": "dr", "estimate": 0.11, "ci95": [0.1, 0.12], "truth": 0.1},
+    ...         {"estimator": "dr", "estimate": 0.2, "ci95": [0.19, 0.21], "truth": 0.25}]
+    >>> [(s["estimator"], s["covered"], round(s["mean_relative_error"], 3)) for s in ope_summary(rows)]
+    [('dr', 1, 0.15)]
+    """
+    out = []
+    for estimator in dict.fromkeys(r["estimator"] for r in rows):
+        mine = [r for r in rows if r["estimator"] == estimator]
+        covered = sum(1 for r in mine if r["ci95"][0] <= r["truth"] <= r["ci95"][1])
+        errors = [abs(r["estimate"] - r["truth"]) / r["truth"] for r in mine if r["truth"] > 0]
+        out.append(
+            {
+                "estimator": estimator,
+                "cases": len(mine),
+                "covered": covered,
+                "coverage": covered / len(mine),
+                "mean_relative_error": float(np.mean(errors)) if errors else float("nan"),
+            }
+        )
+    return out
+
+
+def _dataset(settings: Settings) -> Path:
+    if settings.datasets_dir is None or not (settings.datasets_dir / "ml-100k" / "u.data.gz").exists():
+        raise DatasetError(
+            "the simulator fits its users on ml-100k: set FRESHREC_DATASETS_DIR to where it is"
+        )
+    return settings.datasets_dir / "ml-100k" / "u.data.gz"
+
+
+def _plot_ope(rows: list[dict[str, Any]], path: Path) -> None:
+    """Estimate (with its interval) against the truth, one panel per estimator."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    estimators = list(dict.fromkeys(r["estimator"] for r in rows))
+    figure, axes = plt.subplots(1, len(estimators), figsize=(5 * len(estimators), 4.5), squeeze=False)
+    labels = list(dict.fromkeys(_label(r) for r in rows))
+    colours = {label: f"C{n}" for n, label in enumerate(labels)}
+    values = [v for r in rows for v in (r["truth"], r["estimate"])]
+    low, high = min(values) * 0.9, max(values) * 1.1
+    for axis, estimator in zip(axes[0], estimators, strict=True):
+        shown: set[str] = set()
+        for r in (r for r in rows if r["estimator"] == estimator):
+            label = _label(r)
+            axis.errorbar(
+                r["truth"],
+                r["estimate"],
+                yerr=[[r["estimate"] - r["ci95"][0]], [r["ci95"][1] - r["estimate"]]],
+                fmt="o",
+                color=colours[label],
+                label=None if label in shown else label,
+                capsize=3,
+                markersize=4,
+            )
+            shown.add(label)
+        axis.plot([low, high], [low, high], color="grey", linestyle=":", linewidth=1)
+        axis.set_xlim(low, high)
+        axis.set_ylim(low, high)
+        axis.set_title(f"{estimator.upper()}: estimate (95% CI) vs on-policy truth")
+        axis.set_xlabel("true click rate per slot")
+        axis.set_ylabel("estimate from the uncertainty log")
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    logger.info("plot written to %s", path)
+
+
+def _label(row: dict[str, Any]) -> str:
+    params = ", ".join(f"{k}={v:g}" for k, v in row["params"].items())
+    return f"{row['target']} {params}".strip()
 
 
 # Student's t, 97.5th percentile, by degrees of freedom (a 95% two-sided interval), rounded up.

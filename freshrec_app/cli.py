@@ -538,9 +538,21 @@ def serve(workers: int | None) -> None:
     help="Repeatable; default: all three.",
 )
 @click.option("--plot", type=click.Path(dir_okay=False), default="simulation.png", show_default=True)
+@click.option(
+    "--ope",
+    is_flag=True,
+    help="Off-policy check: log with uncertainty, estimate none, epsilon (0.05, 0.2) and uncertainty "
+    "(ucb_c 1, 3) from that log, run each on-policy for the truth (--policy is ignored).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summaries as JSON.")
 def simulate(
-    requests: int, users: int, seeds: tuple[int, ...], policies: tuple[str, ...], plot: str, as_json: bool
+    requests: int,
+    users: int,
+    seeds: tuple[int, ...],
+    policies: tuple[str, ...],
+    plot: str,
+    ope: bool,
+    as_json: bool,
 ) -> None:
     """Closed loop: simulated users with hidden tastes against the real stack, policy by policy."""
     from pathlib import Path
@@ -550,6 +562,32 @@ def simulate(
     settings = _settings()
     _kafka(settings)
     config = simulator.SimConfig(requests=requests, users=users)
+    if ope:
+        with _errors():
+            report = simulator.ope(
+                settings, config, seeds=seeds or (0, 1, 2), port=settings.api_port, plot=Path(plot)
+            )
+        if as_json:
+            _emit_json(report)
+            return
+        _print_table(
+            ["seed", "target", "params", "estimator", "estimate", "95% CI", "truth", "ESS"],
+            [
+                [r["seed"], r["target"], ", ".join(f"{k}={v:g}" for k, v in r["params"].items()),
+                 r["estimator"], f"{r['estimate']:.4f}", f"[{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}]",
+                 f"{r['truth']:.4f}", f"{r['ess']:,.0f}"]
+                for r in report["ope"]
+            ],
+            title="off-policy estimates from the uncertainty log against each target run on-policy",
+        )  # fmt: skip
+        _print_table(
+            ["estimator", "truth inside the 95% CI", "mean relative error"],
+            [[s["estimator"], f"{s['covered']} of {s['cases']}", f"{s['mean_relative_error']:.1%}"]
+             for s in report["summary"]],
+            title="per estimator",
+        )  # fmt: skip
+        _err.print(f"plot: {plot}", highlight=False)
+        return
     with _errors():
         summaries = simulator.run(
             settings,

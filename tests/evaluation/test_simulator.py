@@ -71,3 +71,34 @@ def test_paired_differences_and_their_interval() -> None:
             {"policy": "epsilon", "seed": 5, "clicks_per_request": 0.5}]  # fmt: skip
     (alone,) = simulator.paired(zero)
     assert alone["seeds"] == 0 and np.isnan(alone["mean"]) and np.isnan(alone["low"])
+
+
+def test_off_policy_estimates_come_with_the_truth_of_each_target_run_on_policy(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    settings = make_settings()
+    config = simulator.SimConfig(requests=60, users=20, new_items=8, finetune_every=30, widely=2)
+    port, _ = free_port_pair()
+    targets = (("none", {}), ("uncertainty", {"ucb_c": 1.0}))
+    plot = tmp_path / "ope.png"
+    report = simulator.ope(settings, config, seeds=(3,), port=port, targets=targets, plot=plot)
+    rows = report["ope"]
+    assert [(r["seed"], r["logging"], r["target"], r["estimator"]) for r in rows] == [
+        (3, "uncertainty", target, estimator)
+        for target in ("none", "uncertainty")
+        for estimator in ("ips", "snips", "dr")
+    ]
+    assert rows[3]["params"] == {"ucb_c": 1.0}
+    for row in rows:
+        assert 0 < row["truth"] < 1 and row["ci95"][0] <= row["estimate"] <= row["ci95"][1]
+        assert 0 < row["ess"] <= 600 and 0 < row["logged_ctr"] < 1  # 60 requests of 10 slots
+    # The truth is the target's own run: one per target, beside the logging run.
+    assert [(r["policy"], r["role"], r["requests"]) for r in report["runs"]] == [
+        ("uncertainty", "logging", 60), ("none", "target", 60), ("uncertainty", "target", 60)
+    ]  # fmt: skip
+    for target in range(2):
+        run = report["runs"][1 + target]
+        assert rows[3 * target]["truth"] == pytest.approx(run["clicks_per_request"] / 10)
+    assert [s["estimator"] for s in report["summary"]] == ["ips", "snips", "dr"]
+    assert all(s["cases"] == 2 and 0 <= s["covered"] <= 2 for s in report["summary"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
