@@ -23,11 +23,14 @@ import numpy as np
 import orjson
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
-from support import cli_env, freshrec_cli, wait_until
+from support import cli_env, freshrec_cli, sql_json, wait_until
 
+from freshrec.datasets import load_dataset
 from freshrec.settings import Settings, StreamSettings
 from learners.registry import build_heads
+from streams import state_top
 from streams.admin import ensure_topics
+from streams.changelog import Changelog
 from streams.producer import EventProducer
 from streams.worker import StreamWorker
 
@@ -215,3 +218,142 @@ def test_seeded_kill_9s_of_the_stream_worker_end_like_an_uninterrupted_run(
         mismatches.append(f"offsets {sum(killed.offsets.values())} != {sum(ref.offsets.values())}")
     assert not mismatches, f"{replay}, kills {plan}: {len(mismatches)} differences, first {mismatches[:5]}"
     assert all(ref.histories.get(u) for u in users), replay
+
+
+# ------------------------------------------------------------------------------ live rescaling
+
+CHUNK = 8_000  # ml-100k events per stage
+
+
+def _scaled_env(settings: Settings, worker_id: str, home: Path) -> dict[str, str]:
+    stream = settings.stream.model_copy(update={"worker_id": worker_id})
+    return _worker_env(settings.model_copy(update={"stream": stream})) | {
+        "FRESHREC_HOME": str(home),
+        "FRESHREC_STREAM__HEADS": "[]",
+        "FRESHREC_STREAM__SESSION_TIMEOUT_MS": str(stream.session_timeout_ms),
+    }
+
+
+def _snapshotted_events(settings: Settings) -> int:
+    """Events the group's changelog snapshots reflect, summed over partitions."""
+    with Changelog(settings) as changelog:
+        snapshots = changelog.restore()
+    return sum(s.offsets.get(settings.topics.events, 0) for s in snapshots.values())
+
+
+def test_workers_going_1_2_3_2_with_a_kill_end_like_one_uninterrupted_worker(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """During a replay the group grows from one worker to three, one is killed with kill -9 (two
+    left), and then a worker with an empty home takes every partition from Kafka alone: the state
+    per partition (counters, windows, decayed counts, histories, co-occurrence, recent ids) equals
+    that of one worker that read everything at once, and ``state top`` agrees with ClickHouse."""
+    rng = random.Random(SEED)
+    print(f"seed {SEED} (replay with FRESHREC_FAULT_SEED={SEED})")
+    base = _stream_settings(make_settings, "scaled", "w1")
+    settings = base.model_copy(
+        update={"stream": base.stream.model_copy(update={"heads": (), "session_timeout_ms": 6_000})}
+    )
+    ensure_topics(settings)
+    records = load_dataset(
+        "ml-100k", datasets_dir=settings.datasets_dir, cache_dir=settings.cache_dir, limit=5 * CHUNK
+    ).records
+    produced = 0
+
+    def produce_chunk() -> None:
+        nonlocal produced
+        with EventProducer(settings) as producer:
+            for record in records[produced : produced + CHUNK]:
+                producer.produce(settings.topics.events, record.value, key=record.key)
+        produced += CHUNK
+
+    workers: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(worker_id: str) -> None:
+        workers[worker_id] = subprocess.Popen(
+            [sys.executable, "-m", "freshrec_app", "stream"],
+            env=_scaled_env(settings, worker_id, tmp_path / worker_id),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+    def members(n: int) -> None:
+        wait_until(lambda: len(_member_ids(settings)) == n, timeout_s=60, interval_s=0.2)
+        assert all(p.poll() is None for p in workers.values())
+
+    try:
+        start("w1")
+        members(1)
+        produce_chunk()
+        start("w2")  # joins while w1 is still counting the first chunk
+        members(2)
+        produce_chunk()
+        start("w3")
+        members(3)
+        produce_chunk()
+        time.sleep(rng.uniform(0.0, 1.0))  # a seeded point while the third chunk is being counted
+        killed = workers.pop("w1")
+        killed.kill()  # kill -9: nothing flushed; its partitions replay from their snapshots
+        killed.communicate(timeout=10)
+        assert killed.returncode == -signal.SIGKILL
+        produce_chunk()
+        members(2)  # after the session timeout, w1's partitions move to w2 and w3
+        wait_until(lambda: _snapshotted_events(settings) == produced, timeout_s=60, interval_s=0.5)
+        for name in ("w2", "w3"):
+            workers[name].terminate()  # SIGTERM: a final flush, then exit
+        for name in ("w2", "w3"):
+            _, stderr = workers[name].communicate(timeout=60)
+            assert workers[name].returncode == 0, stderr.decode()[-2000:]
+    finally:
+        for process in workers.values():
+            if process.poll() is None:
+                process.kill()
+            process.communicate(timeout=60)
+
+    # A worker on a new machine (empty home) restores every partition from Kafka and goes on from
+    # exactly there: it reads the last chunk only.
+    produce_chunk()
+    fresh = StreamWorker(settings.model_copy(update={"home": tmp_path / "empty"}))
+    fresh_stats = fresh.run(until_idle_s=2.0)
+    assert fresh_stats.restored == settings.broker_partitions
+    assert (fresh_stats.consumed, fresh_stats.counted) == (CHUNK, CHUNK)
+
+    reference_settings = _stream_settings(make_settings, "reference", "ref")
+    reference = StreamWorker(
+        reference_settings.model_copy(
+            update={"stream": reference_settings.stream.model_copy(update={"heads": ()})}
+        )
+    )
+    assert reference.run(until_idle_s=2.0).counted == produced == 5 * CHUNK
+    assert (
+        sorted(fresh.state.stores)
+        == sorted(reference.state.stores)
+        == list(range(settings.broker_partitions))
+    )
+    for partition, want in reference.state.stores.items():
+        got = fresh.state.stores[partition]
+        assert got.offsets == want.offsets, partition
+        assert got.counters.items.ids() == want.counters.items.ids(), partition
+        for item in want.counters.items.ids():
+            for kind in (*want.counters.types.ids(), None):
+                assert got.counters.total(item, kind) == want.counters.total(item, kind)
+                assert got.counters.windowed(item, HOUR, kind) == want.counters.windowed(item, HOUR, kind)
+                assert got.counters.windowed(item, DAY, kind) == want.counters.windowed(item, DAY, kind)
+                assert np.isclose(
+                    got.counters.decayed(item, kind), want.counters.decayed(item, kind), rtol=1e-9
+                )
+        assert got.histories.state_dict() == want.histories.state_dict(), partition
+        assert got.cooccurrence.state_dict() == want.cooccurrence.state_dict(), partition
+        assert got.cooccurrence.pruned > 0  # pruning too is the same, partition by partition
+        assert set(got.recent.state_dict()["young"]) == set(want.recent.state_dict()["young"])
+    assert fresh.state.counters.top(20) == reference.state.counters.top(20)
+    assert fresh.state.counters.top(20, kind=DAY) == reference.state.counters.top(20, kind=DAY)
+
+    # `freshrec state top` from Kafka alone agrees with the audit log in ClickHouse.
+    env = cli_env(settings, dsn=f"chdb://{tmp_path / 'audit-db'}")
+    freshrec_cli("sink", "--until-idle", "2", env=env)
+    rows = sql_json(
+        f"SELECT item_id, count() AS n FROM {settings.clickhouse_database}.events GROUP BY item_id", env=env
+    )
+    expected = sorted(((str(r["item_id"]), int(str(r["n"]))) for r in rows), key=lambda r: (-r[1], r[0]))
+    assert state_top.run(settings, k=20) == [{"item_id": i, "total": n} for i, n in expected[:20]]
