@@ -7,7 +7,9 @@ the local broker (or ``FRESHREC_KAFKA_BOOTSTRAP``). Each loop is a fresh consume
 first message to its last. Reported: events/s of the baseline (``consume(10000)`` + ``orjson.loads``)
 and of :class:`streams.worker.StreamWorker` keeping every role, then each role alone (checkpoints
 every 5 s included), their ratios, the counters' memory, and freshness under load with one worker
-and with the roles split into processes.
+and with the roles split into processes. Then the state changelog: the size of the state of the
+events per role set, how fast it is encoded and written to the changelog (snapshot MiB/s), and how
+long a worker with an empty home takes to restore it from Kafka (``--state-only``: only that).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from harness import bench_cluster, consume_loop, time_batches
 from freshrec.settings import Settings, StreamSettings
 from learners.registry import build_heads
 from streams.admin import ensure_topics
+from streams.changelog import Changelog, encode_state
 from streams.producer import EventProducer
 from streams.reader import StateReader
 from streams.worker import StreamWorker
@@ -42,6 +45,34 @@ def _worker_rate(settings: Settings, n: int, roles: tuple[str, ...]) -> tuple[fl
     elapsed = time_batches(worker, "_apply", lambda: worker.stats.consumed, n)
     assert worker.stats.counted == n, worker.stats
     return n / elapsed, worker.state.counters.nbytes()
+
+
+def _state_costs(settings: Settings, n: int, roles: tuple[str, ...]) -> dict[str, float]:
+    """The changelog's costs for the state of ``n`` events: a worker keeping ``roles`` counts them
+    (no periodic snapshot), then every partition is encoded and written to the changelog (timed
+    apart), and a worker with an empty home restores them all (read, verify, decode, load)."""
+    group = f"bench-state-{uuid.uuid4().hex[:8]}"
+    stream = StreamSettings(group_id=group, roles=roles, checkpoint_interval_s=3_600.0)
+    worker = StreamWorker(settings.model_copy(update={"stream": stream}), heads=build_heads(stream))
+    time_batches(worker, "_apply", lambda: worker.stats.consumed, n)  # its exit flushes every partition
+    stores = worker.state.stores
+    started = time.perf_counter()
+    payloads = {p: encode_state(store.state_dict()) for p, store in stores.items()}
+    encoded = time.perf_counter() - started
+    size = sum(len(payload) for payload in payloads.values())
+    with Changelog(settings.model_copy(update={"stream": stream})) as changelog:
+        changelog.restore(list(payloads))  # what an owner knows before writing
+        started = time.perf_counter()
+        for partition, payload in payloads.items():
+            changelog.write(partition, payload, stores[partition].offsets)
+        written = time.perf_counter() - started
+    empty = settings.model_copy(update={"stream": stream, "home": settings.home / group})
+    fresh = StreamWorker(empty, heads=build_heads(stream))
+    started = time.perf_counter()
+    restored = fresh.restore()
+    restore_s = time.perf_counter() - started
+    assert sum(o.get(settings.topics.events, 0) for o in restored.values()) == n
+    return {"bytes": size, "encode_s": encoded, "write_s": written, "restore_s": restore_s}
 
 
 def _freshness(settings: Settings, *, rate: int, seconds: float, batch_size: int, split: bool) -> list[float]:
@@ -141,6 +172,9 @@ def main() -> None:
     parser.add_argument("--fresh-rate", type=int, default=20_000, help="Events/s of load while probing.")
     parser.add_argument("--fresh-seconds", type=float, default=15.0)
     parser.add_argument("--fresh-batch", type=int, default=2_000, help="Worker batch size while probing.")
+    parser.add_argument(
+        "--state-only", action="store_true", help="Measure only the changelog's snapshot and restore costs."
+    )
     args = parser.parse_args()
     with bench_cluster() as settings:
         rng = np.random.default_rng(7)
@@ -168,6 +202,20 @@ def main() -> None:
             "sequences": ("sequences",),
             "heads": ("heads",),
         }
+        print(f"\nstream state in the changelog, {args.events:,} events")
+        print(
+            f"{'roles':<24}{'MiB':>8}{'encode MiB/s':>14}{'write MiB/s':>13}"
+            f"{'snapshot MiB/s':>16}{'restore s':>11}"
+        )
+        for name in ("counters", "counters+sequences", "all"):
+            cost = _state_costs(settings, args.events, configs[name])
+            mib = cost["bytes"] / 2**20
+            print(
+                f"{name:<24}{mib:>8.1f}{mib / cost['encode_s']:>14.1f}{mib / cost['write_s']:>13.1f}"
+                f"{mib / (cost['encode_s'] + cost['write_s']):>16.1f}{cost['restore_s']:>11.2f}"
+            )
+        if args.state_only:
+            return
         best = dict.fromkeys(["loop", *configs], 0.0)
         memory = 0
         for round_no in range(1, args.rounds + 1):

@@ -182,6 +182,8 @@ class MergedCounters:
             if row < 0:
                 continue
             kind = counters.types.lookup(event_type) if event_type is not None else -1
+            if event_type is not None and kind < 0:
+                continue  # this store never saw the type: nothing counted, nothing to subtract
             for kinds, rows in self._expired(counters, index):
                 hit = rows == row
                 if kind >= 0:

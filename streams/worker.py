@@ -81,7 +81,7 @@ from freshrec.events import Event, parse_event
 from freshrec.processes import die_with_parent
 from freshrec.settings import Settings
 from streams.admin import check_consume_error, ensure_topics
-from streams.changelog import Changelog, encode_state
+from streams.changelog import Changelog, encode_state, gc_paused
 from streams.clicks import ClickThrough
 from streams.cooccurrence import CoOccurrence
 from streams.counters import CounterConfig, ItemCounters
@@ -228,7 +228,8 @@ _CAN_FORK = sys.platform == "linux"
 
 
 def _encode_stores(stores: Mapping[int, PartitionStore], partitions: Collection[int]) -> dict[int, bytes]:
-    return {partition: encode_state(stores[partition].state_dict()) for partition in partitions}
+    with gc_paused():
+        return {partition: encode_state(stores[partition].state_dict()) for partition in partitions}
 
 
 def _fork_writer(
@@ -331,9 +332,10 @@ class StreamWorker:
         stores: dict[int, PartitionStore] = {}
         for partition in sorted(set(snapshots) if partitions is None else set(partitions)):
             store = stores[partition] = self.state.new_store()
-            snapshot = snapshots.get(partition)
+            snapshot = snapshots.pop(partition, None)
             if snapshot is not None:
-                store.load_state_dict(snapshot.state())
+                with gc_paused():
+                    store.load_state_dict(snapshot.state())
                 if store.offsets != snapshot.offsets:
                     raise ValueError(f"snapshot of partition {partition} names other offsets than it holds")
                 restored[partition] = dict(snapshot.offsets)
@@ -483,7 +485,9 @@ class StreamWorker:
         for partition in dirty:
             store = self.state.stores[partition]
             offsets = dict(store.offsets)
-            self.changelog.write(partition, encode_state(store.state_dict()), offsets)
+            with gc_paused():
+                payload = encode_state(store.state_dict())
+            self.changelog.write(partition, payload, offsets)
             self._snapshotted[partition] = offsets
         self.stats.flushed += len(dirty)
         if dirty:
