@@ -93,7 +93,7 @@ class PartitionStore:
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": _STORE_VERSION,
-            "counters": self.counters.state_dict(),
+            "counters": _trim_types(self.counters.state_dict()),
             "recent": self.recent.state_dict(),
             "histories": self.histories.state_dict(),
             "cooccurrence": self.cooccurrence.state_dict(),
@@ -107,7 +107,7 @@ class PartitionStore:
             raise ValueError(f"partition state version {state.get('version')} is not {_STORE_VERSION}")
         if set(state["heads"]) != set(self.heads):
             raise ValueError(f"snapshot has heads {sorted(state['heads'])}, this worker {sorted(self.heads)}")
-        self.counters.load_state_dict(state["counters"])
+        self.counters.load_state_dict(_pad_types(state["counters"]))
         self.recent.load_state_dict(state["recent"])
         self.histories.load_state_dict(state["histories"])
         self.cooccurrence.load_state_dict(state["cooccurrence"])
@@ -115,6 +115,35 @@ class PartitionStore:
         for name, head in self.heads.items():
             head.load_state_dict(state["heads"][name])
         self.offsets = {str(topic): int(offset) for topic, offset in state["offsets"].items()}
+
+
+def _trim_types(counters: dict[str, Any]) -> dict[str, Any]:
+    """The counters' state with only the rows of event types seen: the arrays have a row for each
+    of ``max_types`` (16) types, and streams use three or four, so snapshots shrink about 4x."""
+    used = len(counters["types"]["ids"])
+    trimmed = dict(counters)
+    trimmed["total"] = counters["total"][:used]
+    trimmed["forward"] = counters["forward"][:used]
+    trimmed["windows"] = [window[:used] for window in counters["windows"]]
+    return trimmed
+
+
+def _pad_types(counters: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`_trim_types`: rows of zeros for the types not seen yet."""
+    rows = int(counters["config"]["max_types"])
+
+    def pad(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        if array.shape[0] == rows:
+            return array
+        padded = np.zeros((rows, *array.shape[1:]), dtype=array.dtype)
+        padded[: array.shape[0]] = array
+        return padded
+
+    padded = dict(counters)
+    padded["total"] = pad(counters["total"])
+    padded["forward"] = pad(counters["forward"])
+    padded["windows"] = [pad(window) for window in counters["windows"]]
+    return padded
 
 
 class MergedCounters:

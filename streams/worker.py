@@ -28,7 +28,9 @@ image of the state, encodes each changed partition and writes them to a local ha
 changelog; the pause is the fork, not a copy of the state. The file is never read back as state.
 
 **Rescaling.** Workers join and leave a group at any time (``docker-compose up --scale
-stream=3``): the group rebalances, revoked partitions are flushed, assigned ones restored. The
+stream-counters=3``, each replica with its own ``FRESHREC_STREAM__WORKER_ID``: two workers with one
+id fence each other): the group rebalances, revoked partitions are flushed, assigned ones restored;
+no volume is needed. The
 assignor is Kafka's default range assignor, which gives the same partition of ``events`` and of
 ``impressions`` (keyed alike, by user) to the same worker, as a partition's CTR join needs;
 cooperative-sticky assignment would not keep them together. A worker that gets back a partition it
@@ -511,8 +513,6 @@ class StreamWorker:
     # ------------------------------------------------------------------ rebalancing
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Idleness counts from the (re)assignment: a slow group join is not an empty topic.
-        self._assigned_at = time.monotonic()
         owned = {tp.partition for tp in partitions if tp.topic == self._topic}
         kept = owned & self._flushed  # held until this rebalance, flushed: memory is the newest
         with self._lock:
@@ -545,6 +545,8 @@ class StreamWorker:
                 continue
             tp.offset = store.offsets.get(tp.topic, OFFSET_BEGINNING)
         consumer.assign(partitions)
+        # Idleness counts from the (re)assignment, restores done: a slow join is not an empty topic.
+        self._assigned_at = time.monotonic()
         self._flushed = frozenset()
         self.assigned = frozenset(owned)
         logger.info("assigned %s", [(tp.topic, tp.partition, tp.offset) for tp in partitions])

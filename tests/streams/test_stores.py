@@ -14,6 +14,7 @@ from freshrec.events import Event
 from freshrec.settings import Settings, StreamSettings
 from learners.registry import build_heads
 from streams.admin import ensure_topics
+from streams.changelog import decode_state, encode_state
 from streams.counters import CounterConfig, ItemCounters
 from streams.producer import EventProducer
 from streams.stores import partition_of
@@ -145,3 +146,21 @@ def test_partition_of_is_where_the_producer_puts_a_user(make_settings: Callable[
         consumer.close()
     assert where == {user: partition_of(user, settings.broker_partitions) for user in users}
     assert len(set(where.values())) == settings.broker_partitions
+
+
+def test_a_store_snapshots_only_the_event_types_it_has_seen() -> None:
+    state = _state(1)
+    store = state.stores[0]
+    store.counters.update(["a", "b", "a"], ["view", "click", "view"], [1_000, 2_000, 3_000])
+    snapshot = store.state_dict()
+    assert snapshot["counters"]["total"].shape == (2, 2)  # 2 types of 16 rows, 2 items
+    assert all(window.shape == (2, 2) for window in snapshot["counters"]["windows"])
+    again = state.new_store()
+    again.load_state_dict(decode_state(encode_state(snapshot)))
+    again.counters.update(["c"], ["purchase"], [4_000])  # a third type still has its row
+    assert [again.counters.total(i, t) for i, t in [("a", "view"), ("b", "click"), ("c", "purchase")]] == [
+        2,
+        1,
+        1,
+    ]
+    assert again.counters.windowed("a", HOUR) == 2
