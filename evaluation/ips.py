@@ -66,6 +66,7 @@ __all__ = [
     "evaluate_policy",
     "inclusion",
     "read_decisions",
+    "resolve_params",
 ]
 
 logger = logging.getLogger(__name__)
