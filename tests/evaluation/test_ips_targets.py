@@ -17,6 +17,7 @@ import pytest
 from support import cli_env, freshrec_cli, sql_json
 
 from evaluation import ips
+from freshrec.errors import ConfigError
 from freshrec.settings import ServeSettings, Settings, StreamSettings
 from serving.recommender import Recommender
 from streams import worker as stream_worker
@@ -102,8 +103,16 @@ def test_the_logged_record_gives_every_policy_its_chance_of_every_item(reader: S
     greedy, _ = _serve(reader, 1, policy="none")
     _agree(record, greedy, 1, "none", 0.0)
     # Epsilon's model ignores that a draw of an already shown item falls back to the ranking.
-    uniform, _ = _serve(reader, requests, policy="epsilon", epsilon=0.2)
+    uniform, logged_by_epsilon = _serve(reader, requests, policy="epsilon", epsilon=0.2)
     _agree(record, uniform, requests, "epsilon", 0.01, epsilon=0.2)
+    # An epsilon log records its ranking's head and catalogue: epsilon and none can be evaluated on
+    # it, uncertainty (whose pool it never computed) cannot.
+    own = logged_by_epsilon[0]
+    assert own.policy == "epsilon" and own.params["epsilon"] == 0.2 and own.ranked == len(own.pool) == K
+    _agree(own, uniform, requests, "epsilon", 0.01)
+    _agree(own, greedy, 1, "none", 0.0)
+    with pytest.raises(ConfigError, match="logs no exploration pool"):
+        ips.inclusion(own, "uncertainty", ips.resolve_params(own, "uncertainty", {}))
 
 
 def test_estimates_from_an_uncertainty_log_find_each_targets_true_click_rate(reader: StateReader) -> None:
