@@ -79,7 +79,7 @@ def test_off_policy_estimates_come_with_the_truth_of_each_target_run_on_policy(
     settings = make_settings()
     config = simulator.SimConfig(requests=60, users=20, new_items=8, finetune_every=30, widely=2)
     port, _ = free_port_pair()
-    targets = (("none", {}), ("uncertainty", {"ucb_c": 1.0}))
+    targets: tuple[tuple[str, dict[str, float]], ...] = (("none", {}), ("uncertainty", {"ucb_c": 1.0}))
     plot = tmp_path / "ope.png"
     report = simulator.ope(settings, config, seeds=(3,), port=port, targets=targets, plot=plot)
     rows = report["ope"]
