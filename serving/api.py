@@ -429,6 +429,7 @@ def create_app(
                 model_version=result.model_version,
                 latency_ms=result.latency_ms,
                 items=items,
+                exploration=result.exploration,
             ),
             key=user_id.encode(),
         )

@@ -27,7 +27,7 @@ from serving.server import ServingStack
 from streams import sink
 from streams import worker as stream_worker
 from streams.admin import ensure_topics
-from streams.impressions import ImpressionSink
+from streams.impressions import Exploration, ImpressionSink
 from streams.producer import EventProducer
 from streams.reader import StateReader
 
@@ -163,6 +163,16 @@ def test_recommendations_auth_validation_and_the_decision_log(
         (i["item_id"], i["explore"], pytest.approx(i["propensity"]), i["source"]) for i in items
     ]
     assert [r[1] for r in rows] == list(range(10)) and {r[5] for r in rows} == {1}
+    # The response's exploration record (what its policy could have shown) is on its first row only.
+    records = store.rows(
+        f"SELECT position, exploration FROM {store.table('impressions')} "
+        "WHERE request_id = {r:String} AND exploration != '' ORDER BY position",
+        {"r": body["request_id"]},
+    )
+    assert [position for position, _ in records] == [0]
+    record = Exploration.decode(records[0][1])
+    assert record is not None and record.policy == "uncertainty" and record.k == 10
+    assert {i["item_id"] for i in items if i["explore"]} <= set(record.pool)
 
 
 def test_events_are_validated_as_a_whole_and_a_click_changes_the_next_response(stack: ServingStack) -> None:
