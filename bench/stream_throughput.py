@@ -9,7 +9,9 @@ and of :class:`streams.worker.StreamWorker` keeping every role, then each role a
 every 5 s included), their ratios, the counters' memory, and freshness under load with one worker
 and with the roles split into processes. Then the state changelog: the size of the state of the
 events per role set, how fast it is encoded and written to the changelog (snapshot MiB/s), and how
-long a worker with an empty home takes to restore it from Kafka (``--state-only``: only that).
+long a worker with an empty home takes to restore it from Kafka, and freshness while the counters
+group scales out from one worker to two with the state of the events behind it (the rebalance
+pause: flush, restore). ``--state-only`` measures only these.
 """
 
 from __future__ import annotations
@@ -73,6 +75,94 @@ def _state_costs(settings: Settings, n: int, roles: tuple[str, ...]) -> dict[str
     restore_s = time.perf_counter() - started
     assert sum(o.get(settings.topics.events, 0) for o in restored.values()) == n
     return {"bytes": size, "encode_s": encoded, "write_s": written, "restore_s": restore_s}
+
+
+def _scale_out(
+    settings: Settings, *, rate: int, seconds: float, backlog: int
+) -> tuple[list[float], list[float]]:
+    """Freshness while the counters group scales out from one worker to two.
+
+    A topic of its own gets ``backlog`` events first (state to flush and restore), then load at
+    ``rate`` events/s; a probe event for a new item every 0.1 s is timed until either worker counts
+    it. A third of the way in, a second worker joins the group: the first flushes the partitions it
+    gives up to the changelog, the second restores them. Returns the probes' latencies before the
+    join and from the join on, each sorted."""
+    group = f"bench-scale-{uuid.uuid4().hex[:8]}"
+    stream = StreamSettings(group_id=group, roles=("counters",), session_timeout_ms=10_000)
+    settings = settings.model_copy(
+        update={"topic_prefix": f"{settings.topic_prefix}{group}.", "stream": stream}
+    )
+    ensure_topics(settings)
+    with EventProducer(settings) as producer:
+        for i in range(backlog):
+            event = {"event_id": f"b{i}", "user_id": f"u{i % 50_000}", "item_id": f"i{i % 50_000}",
+                     "type": "view", "ts": int(time.time() * 1000)}  # fmt: skip
+            producer.produce(settings.topics.events, orjson.dumps(event), key=f"u{i % 50_000}".encode())
+    workers = [
+        StreamWorker(settings.model_copy(update={"stream": stream.model_copy(update={"worker_id": w})}))
+        for w in ("a", "b")
+    ]
+    threads = [threading.Thread(target=w.run) for w in workers]
+    threads[0].start()
+    while not workers[0].assigned or workers[0].stats.consumed < backlog:
+        time.sleep(0.05)
+    stop = threading.Event()
+
+    def load() -> None:
+        with EventProducer(settings) as producer:
+            sent, started = 0, time.perf_counter()
+            while not stop.is_set():
+                for _ in range(int((time.perf_counter() - started) * rate) - sent):
+                    user = f"u{sent % 50_000}"
+                    event = {"event_id": f"{group}-{sent}", "user_id": user, "item_id": f"i{sent % 20_000}",
+                             "type": "view", "ts": int(time.time() * 1000)}  # fmt: skip
+                    producer.produce(settings.topics.events, orjson.dumps(event), key=user.encode())
+                    sent += 1
+                time.sleep(0.002)
+
+    def counted(item: str) -> bool:
+        for worker in workers:
+            with worker.lock:
+                if worker.state.counters.total(item) > 0:
+                    return True
+        return False
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    before: list[float] = []
+    after: list[float] = []
+    try:
+        with EventProducer(settings, **{"linger.ms": 0}) as producer:
+            started = time.perf_counter()
+            probe = 0
+            while time.perf_counter() - started < seconds:
+                joined = len(threads) == 2 and threads[1].is_alive()
+                if not joined and time.perf_counter() - started > seconds / 3:
+                    threads[1].start()
+                    joined = True
+                item = f"probe-{group}-{probe}"
+                event = {"event_id": item, "user_id": f"p{probe}", "item_id": item, "type": "click",
+                         "ts": int(time.time() * 1000)}  # fmt: skip
+                sent_at = time.perf_counter()
+                producer.produce(settings.topics.events, orjson.dumps(event), key=f"p{probe}".encode())
+                producer.flush()
+                while not counted(item):
+                    time.sleep(0.002)
+                (after if joined else before).append(time.perf_counter() - sent_at)
+                probe += 1
+                time.sleep(max(0.0, 0.1 - (time.perf_counter() - sent_at)))
+        owned = sorted(workers[0].assigned | workers[1].assigned)
+        split = bool(workers[0].assigned) and bool(workers[1].assigned)
+        assert owned == list(range(settings.broker_partitions)) and split, "the group did not scale out"
+    finally:
+        stop.set()
+        loader.join()
+        for worker in workers:
+            worker.stop()
+        for thread in threads:
+            if thread.is_alive() or thread.ident is not None:
+                thread.join()
+    return sorted(before), sorted(after)
 
 
 def _freshness(settings: Settings, *, rate: int, seconds: float, batch_size: int, split: bool) -> list[float]:
@@ -213,6 +303,17 @@ def main() -> None:
             print(
                 f"{name:<24}{mib:>8.1f}{mib / cost['encode_s']:>14.1f}{mib / cost['write_s']:>13.1f}"
                 f"{mib / (cost['encode_s'] + cost['write_s']):>16.1f}{cost['restore_s']:>11.2f}"
+            )
+        before, after = _scale_out(
+            settings, rate=args.fresh_rate, seconds=args.fresh_seconds, backlog=args.events
+        )
+        for label, latencies in (("one worker", before), ("from the second one's join", after)):
+            p50 = latencies[len(latencies) // 2]
+            p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+            print(
+                f"scale-out 1 -> 2 counters workers at {args.fresh_rate:,} events/s, {label}: "
+                f"{len(latencies)} probes, p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, "
+                f"max {latencies[-1] * 1000:.0f} ms"
             )
         if args.state_only:
             return
