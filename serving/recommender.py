@@ -75,11 +75,23 @@ _POPULAR_TTL_S = 0.5
 
 @dataclass(frozen=True, slots=True)
 class ServedItem:
+    """One slot of a response: what the API returns, the decision log records and evaluation scores."""
+
     item_id: str
     score: float
     source: str  # transformer, cooccurrence, popular, explore
     explore: bool
-    propensity: float
+    propensity: float  # the probability the policy had of putting this item in this slot
+
+    def to_json(self) -> dict[str, str | float | bool]:
+        """The item as the API's JSON and the impressions message carry it."""
+        return {
+            "item_id": self.item_id,
+            "score": self.score,
+            "source": self.source,
+            "explore": self.explore,
+            "propensity": self.propensity,
+        }
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ from freshrec.faults import fault_point
 from freshrec.settings import Settings
 from freshrec.store import Store
 from streams.admin import check_consume_error, ensure_topics
+from streams.consume import consume_loop
 from streams.outage import StoreRetry
 from streams.sink import DEAD_LETTER_COLUMNS
 
@@ -210,21 +211,16 @@ class ImpressionSink:
             )
         )
         consumer.subscribe([self._topic], on_assign=self._on_assign)
-        last = time.monotonic()
         try:
-            while not self._stop.is_set():
-                messages = consumer.consume(
-                    self._settings.sink.batch_size, self._settings.sink.batch_timeout_s
-                )
-                if messages:
-                    self._process(consumer, messages)
-                    last = time.monotonic()
-                elif (
-                    until_idle_s is not None
-                    and time.monotonic() - max(last, self._assigned_at) >= until_idle_s
-                    and consumer.assignment()
-                ):
-                    break
+            consume_loop(
+                consumer,
+                batch_size=self._settings.sink.batch_size,
+                timeout_s=self._settings.sink.batch_timeout_s,
+                stop=self._stop,
+                on_batch=lambda messages: self._process(consumer, messages),
+                until_idle_s=until_idle_s,
+                assigned_at=lambda: self._assigned_at,
+            )
         finally:
             consumer.close()
         return self.rows
