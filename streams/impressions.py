@@ -29,13 +29,13 @@ import numpy.typing as npt
 import orjson
 from confluent_kafka import Consumer, Message, TopicPartition
 
+from freshrec.dead_letters import DEAD_LETTER_COLUMNS, DeadLetter
 from freshrec.faults import fault_point
 from freshrec.settings import Settings
 from freshrec.store import Store
 from streams.admin import check_consume_error, ensure_topics
 from streams.consume import consume_loop
 from streams.outage import StoreRetry
-from streams.sink import DEAD_LETTER_COLUMNS
 
 __all__ = ["IMPRESSION_COLUMNS", "Exploration", "ImpressionSink", "encode_impression", "impression_rows"]
 
@@ -260,9 +260,10 @@ class ImpressionSink:
                 if offset <= self._stored_dead.get(partition, -1):
                     continue  # dead-lettered before a crash
                 self.bad += 1
-                row = (self._topic, partition, offset, message.key() or b"", value, "bad_impression",
-                       str(exc)[:500], "", max(message.timestamp()[1], 0), now)  # fmt: skip
-                for column, cell in zip(dead, row, strict=True):
+                letter = DeadLetter.of(
+                    message, reason="bad_impression", detail=str(exc)[:500], received_at=now
+                )
+                for column, cell in zip(dead, letter.row(), strict=True):
                     column.append(cell)
                 continue
             if offset <= self._stored.get(partition, -1):

@@ -55,6 +55,7 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
+from freshrec.dead_letters import DEAD_LETTER_COLUMNS, DeadLetter
 from freshrec.errors import InvalidEvent, KafkaUnavailable
 from freshrec.events import REASON_DUPLICATE, Event, parse_event
 from freshrec.faults import fault_point
@@ -74,10 +75,6 @@ logger = logging.getLogger(__name__)
 EVENT_COLUMNS = (
     "event_id", "user_id", "item_id", "type", "ts", "value", "request_id", "context",
     "topic", "partition", "offset", "kafka_ts", "ingested_at",
-)  # fmt: skip
-DEAD_LETTER_COLUMNS = (
-    "topic", "partition", "offset", "key", "payload", "reason", "detail", "event_id",
-    "kafka_ts", "received_at",
 )  # fmt: skip
 
 
@@ -311,23 +308,13 @@ class AuditSink:
         assert self._producer is not None
         columns: list[list[Any]] = [[] for _ in DEAD_LETTER_COLUMNS]
         for message, reason, detail, event_id in dead:
-            partition, offset = message.partition(), message.offset()
-            key, payload = message.key() or b"", message.value() or b""
-            row = (self._topic, partition, offset, key, payload, reason, detail, event_id,
-                   max(message.timestamp()[1], 0), received_ms)  # fmt: skip
-            for column, value in zip(columns, row, strict=True):
+            letter = DeadLetter.of(
+                message, reason=reason, detail=detail, event_id=event_id, received_at=received_ms
+            )
+            for column, value in zip(columns, letter.row(), strict=True):
                 column.append(value)
             self._producer.produce(
-                self._dlq_topic,
-                payload,
-                key=message.key(),
-                headers=[
-                    ("reason", reason),
-                    ("detail", detail[:1000]),
-                    ("source.topic", self._topic),
-                    ("source.partition", str(partition)),
-                    ("source.offset", str(offset)),
-                ],
+                self._dlq_topic, letter.payload, key=message.key(), headers=letter.headers()
             )
             self.stats.reasons[reason] = self.stats.reasons.get(reason, 0) + 1
             if reason == REASON_DUPLICATE:
