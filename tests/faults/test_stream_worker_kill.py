@@ -28,7 +28,6 @@ from support import cli_env, freshrec_cli, sql_json, wait_until
 from freshrec.datasets import load_dataset
 from freshrec.settings import Settings, StreamSettings
 from learners.registry import build_heads
-from streams import state_top
 from streams.admin import ensure_topics
 from streams.changelog import Changelog
 from streams.producer import EventProducer
@@ -356,4 +355,9 @@ def test_workers_going_1_2_3_2_with_a_kill_end_like_one_uninterrupted_worker(
         f"SELECT item_id, count() AS n FROM {settings.clickhouse_database}.events GROUP BY item_id", env=env
     )
     expected = sorted(((str(r["item_id"]), int(str(r["n"]))) for r in rows), key=lambda r: (-r[1], r[0]))
-    assert state_top.run(settings, k=20) == [{"item_id": i, "total": n} for i, n in expected[:20]]
+    empty_home = cli_env(
+        settings.model_copy(update={"home": tmp_path / "operator"}), dsn=env["FRESHREC_CLICKHOUSE_DSN"]
+    )
+    empty_home["FRESHREC_STREAM__GROUP_ID"] = settings.stream.group_id
+    top = orjson.loads(freshrec_cli("state", "top", "--k", "20", "--json", env=empty_home).stdout)
+    assert top == [{"item_id": i, "total": n} for i, n in expected[:20]]
