@@ -555,7 +555,12 @@ class StreamWorker:
         revoked = {tp.partition for tp in partitions if tp.topic == self._topic}
         held = revoked & set(self.state.stores)
         if held and not self._closing:
-            self._flush(held)
+            try:
+                self._flush(held)
+            except FreshrecError as exc:
+                # Not fatal: the next owner restores the last complete snapshot and replays from it.
+                logger.error("could not flush revoked partitions %s: %s", sorted(held), exc)
+                held = set()
         self._flushed = frozenset(held)
         self.assigned = self.assigned - revoked
 
