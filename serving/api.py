@@ -82,9 +82,9 @@ from freshrec.store import Store
 from publishers.replica import ReplicaSubscriber
 from serving.dashboard import PAGE_PATH, LazyStore
 from serving.dashboard import router as dashboard_router
-from serving.recommender import Recommender, ServedItem
+from serving.recommender import Recommender
 from serving.scan import ScanCounts
-from streams.impressions import encode_impression
+from streams.impressions import ServedItem, encode_impression
 from streams.producer import EventProducer
 
 __all__ = [
@@ -401,7 +401,7 @@ def create_app(
         k: Annotated[int, Query(ge=1, le=max_k, description="How many items.")] = 10,
     ) -> Response:
         result = recommender.recommend(user_id, k)
-        items = [item.to_json() for item in result.items]
+        items = [item.to_json() for item in result.items]  # the response's, from the logged type
         log.produce(
             topics.impressions,
             encode_impression(
@@ -410,7 +410,7 @@ def create_app(
                 policy=result.policy,
                 model_version=result.model_version,
                 latency_ms=result.latency_ms,
-                items=items,
+                items=result.items,
                 exploration=result.exploration,
             ),
             key=user_id.encode(),

@@ -59,10 +59,10 @@ from publishers.updates import ModelVersion
 from serving.fusion import SOURCES, LearnedFusion
 from serving.retrieval import RowStats, ServingIndex
 from serving.scan import ScanCounts
-from streams.impressions import Exploration
+from streams.impressions import Exploration, ServedItem
 from streams.reader import StateReader
 
-__all__ = ["SERVED_HEADS", "Recommendation", "Recommender", "ServedItem"]
+__all__ = ["SERVED_HEADS", "Recommendation", "Recommender"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,27 +71,6 @@ logger = logging.getLogger(__name__)
 SERVED_HEADS: frozenset[str] = frozenset({"mf"})
 _RRF_K = 60.0
 _POPULAR_TTL_S = 0.5
-
-
-@dataclass(frozen=True, slots=True)
-class ServedItem:
-    """One slot of a response: what the API returns, the decision log records and evaluation scores."""
-
-    item_id: str
-    score: float
-    source: str  # transformer, cooccurrence, popular, explore
-    explore: bool
-    propensity: float  # the probability the policy had of putting this item in this slot
-
-    def to_json(self) -> dict[str, str | float | bool]:
-        """The item as the API's JSON and the impressions message carry it."""
-        return {
-            "item_id": self.item_id,
-            "score": self.score,
-            "source": self.source,
-            "explore": self.explore,
-            "propensity": self.propensity,
-        }
 
 
 @dataclass(frozen=True, slots=True)

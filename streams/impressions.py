@@ -37,7 +37,16 @@ from streams.admin import check_consume_error, ensure_topics
 from streams.consume import consume_loop
 from streams.outage import StoreRetry
 
-__all__ = ["IMPRESSION_COLUMNS", "Exploration", "ImpressionSink", "encode_impression", "impression_rows"]
+__all__ = [
+    "IMPRESSION_COLUMNS",
+    "Exploration",
+    "Impression",
+    "ImpressionSink",
+    "ServedItem",
+    "decode_impression",
+    "encode_impression",
+    "impression_rows",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +129,71 @@ class Exploration:
         return cls.from_json(orjson.loads(text)) if text else None
 
 
+@dataclass(frozen=True, slots=True)
+class ServedItem:
+    """One slot of a response: what the API returns, the decision log records and evaluation scores."""
+
+    item_id: str
+    score: float
+    source: str  # transformer, cooccurrence, popular, explore
+    explore: bool
+    propensity: float  # the probability the policy had of putting this item in this slot
+
+    def to_json(self) -> dict[str, str | float | bool]:
+        """The item as the API's JSON and the impressions message carry it."""
+        return {
+            "item_id": self.item_id,
+            "score": self.score,
+            "source": self.source,
+            "explore": self.explore,
+            "propensity": self.propensity,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ServedItem:
+        return cls(
+            item_id=str(data["item_id"]),
+            score=float(data["score"]),
+            source=str(data["source"]),
+            explore=bool(data["explore"]),
+            propensity=float(data["propensity"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Impression:
+    """One message of the ``impressions`` topic: a response as it was served."""
+
+    request_id: str
+    user_id: str
+    policy: str
+    model_version: int
+    latency_ms: float
+    served_at: datetime
+    items: list[ServedItem]
+    exploration: Exploration | None
+
+
+def decode_impression(value: bytes, *, exploration: bool = True) -> Impression:
+    """Inverse of :func:`encode_impression`; ``ValueError`` when ``value`` is not an impression.
+    ``exploration=False`` skips the record (the CTR counters need only the items)."""
+    try:
+        data = orjson.loads(value)
+        record = data.get("exploration") if exploration else None
+        return Impression(
+            request_id=str(data["request_id"]),
+            user_id=str(data["user_id"]),
+            policy=str(data["policy"]),
+            model_version=int(data["model_version"]),
+            latency_ms=float(data["latency_ms"]),
+            served_at=datetime.fromtimestamp(int(data["served_at"]) / 1000, UTC),
+            items=[ServedItem.from_json(item) for item in data["items"]],
+            exploration=None if record is None else Exploration.from_json(record),
+        )
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"not an impression: {exc}") from exc
+
+
 def encode_impression(
     *,
     request_id: str,
@@ -127,7 +201,7 @@ def encode_impression(
     policy: str,
     model_version: int,
     latency_ms: float,
-    items: list[dict[str, Any]],
+    items: list[ServedItem],
     served_at_ms: int | None = None,
     exploration: Exploration | None = None,
 ) -> bytes:
@@ -139,7 +213,7 @@ def encode_impression(
         "model_version": model_version,
         "latency_ms": latency_ms,
         "served_at": served_at_ms or int(time.time() * 1000),
-        "items": items,
+        "items": [item.to_json() for item in items],
     }
     if exploration is not None:
         message["exploration"] = exploration.to_json()
@@ -147,33 +221,29 @@ def encode_impression(
 
 
 def impression_rows(value: bytes) -> list[tuple[Any, ...]]:
-    """The table rows (without Kafka coordinates) of one message; ``ValueError`` if malformed."""
-    try:
-        data = orjson.loads(value)
-        served = datetime.fromtimestamp(int(data["served_at"]) / 1000, UTC)
-        exploration = data.get("exploration")
-        if exploration is not None:  # checked here, so that a bad record is dead-lettered, not stored
-            exploration = orjson.dumps(Exploration.from_json(exploration).to_json()).decode()
-        return [
-            (
-                str(data["request_id"]),
-                str(data["user_id"]),
-                position,
-                str(item["item_id"]),
-                float(item["score"]),
-                str(item["source"]),
-                bool(item["explore"]),
-                float(item["propensity"]),
-                str(data["policy"]),
-                int(data["model_version"]),
-                float(data["latency_ms"]),
-                served,
-                (exploration or "") if position == 0 else "",
-            )
-            for position, item in enumerate(data["items"])
-        ]
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ValueError(f"not an impression: {exc}") from exc
+    """The table rows (without Kafka coordinates) of one message; ``ValueError`` if malformed (a
+    bad exploration record included, so that it is dead-lettered, not stored)."""
+    impression = decode_impression(value)
+    record = impression.exploration
+    exploration = "" if record is None else orjson.dumps(record.to_json()).decode()
+    return [
+        (
+            impression.request_id,
+            impression.user_id,
+            position,
+            item.item_id,
+            item.score,
+            item.source,
+            item.explore,
+            item.propensity,
+            impression.policy,
+            impression.model_version,
+            impression.latency_ms,
+            impression.served_at,
+            exploration if position == 0 else "",
+        )
+        for position, item in enumerate(impression.items)
+    ]
 
 
 class ImpressionSink:

@@ -72,10 +72,8 @@ import warnings
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 
 from freshrec.errors import FreshrecError, InvalidEvent
@@ -85,11 +83,13 @@ from freshrec.settings import Settings
 from streams.admin import check_consume_error, ensure_topics
 from streams.changelog import Changelog, encode_state, gc_paused
 from streams.clicks import ClickThrough
+from streams.consume import consume_loop, stop_on_signals
 from streams.cooccurrence import CoOccurrence
 from streams.counters import CounterConfig, ItemCounters
 from streams.dedup import RecentIds
 from streams.heads import Head
 from streams.histories import UserHistories
+from streams.impressions import decode_impression
 from streams.stores import (
     MergedClicks,
     MergedCoOccurrence,
@@ -261,14 +261,12 @@ def _fork_writer(
 def _observe_served(observe: Callable[[str, str, str | None], None], value: bytes) -> None:
     """Count each item of one served response (an ``impressions`` message) as an impression."""
     try:
-        response = orjson.loads(value)
-        request_id = str(response["request_id"])
-        items = [str(item["item_id"]) for item in response["items"]]
-    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        response = decode_impression(value, exploration=False)
+    except ValueError as exc:
         logger.warning("malformed impressions message skipped (the sink dead-letters it): %s", exc)
         return
-    for item in items:
-        observe("impression", item, request_id)
+    for item in response.items:
+        observe("impression", item.item_id, response.request_id)
 
 
 @dataclass(slots=True)
@@ -374,25 +372,25 @@ class StreamWorker:
             topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
         self._consumer = consumer
-        last_message = last_checkpoint = time.monotonic()
+        last_checkpoint = time.monotonic()
+
+        def after_poll(now: float) -> None:
+            nonlocal last_checkpoint
+            if now - last_checkpoint >= max(config.checkpoint_interval_s, 10 * self._checkpoint_s):
+                self.checkpoint()
+                last_checkpoint = time.monotonic()
+
         try:
-            while not self._stop.is_set():
-                messages = consumer.consume(config.batch_size, config.batch_timeout_s)
-                now = time.monotonic()
-                if messages:
-                    self._apply(messages)
-                    last_message = now
-                if now - last_checkpoint >= max(config.checkpoint_interval_s, 10 * self._checkpoint_s):
-                    self.checkpoint()
-                    last_checkpoint = time.monotonic()
-                if (
-                    not messages
-                    and until_idle_s is not None
-                    and now - max(last_message, self._assigned_at) >= until_idle_s
-                    and consumer.assignment()
-                ):
-                    logger.info("no message for %.1f s: drained, stopping", until_idle_s)
-                    break
+            consume_loop(
+                consumer,
+                batch_size=config.batch_size,
+                timeout_s=config.batch_timeout_s,
+                stop=self._stop,
+                on_batch=self._apply,
+                until_idle_s=until_idle_s,
+                assigned_at=lambda: self._assigned_at,
+                after_poll=after_poll,
+            )
             self._flush(self.state.stores)
         finally:
             self._upload_done(wait=True)
@@ -661,17 +659,5 @@ def run(
 ) -> tuple[StreamWorker, StreamStats]:
     """Run a stream worker in this thread; SIGINT/SIGTERM snapshot and stop it."""
     worker = StreamWorker(settings, heads=heads)
-
-    def _stop(signum: int, _frame: FrameType | None) -> None:
-        logger.info("signal %d: snapshotting and stopping", signum)
-        worker.stop()
-
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, _stop)
-    try:
+    with stop_on_signals(worker.stop, what="snapshotting and stopping"):
         return worker, worker.run(until_idle_s=until_idle_s)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)

@@ -160,11 +160,9 @@ def test_the_record_travels_through_kafka_and_clickhouse_to_freshrec_eval_ips(
     with EventProducer(settings) as producer:
         for n in range(60):
             result = recommender.recommend("new-user", K, request_id=f"req-{n}")
-            items = [{"item_id": i.item_id, "score": i.score, "source": i.source, "explore": i.explore,
-                      "propensity": i.propensity} for i in result.items]  # fmt: skip
             message = encode_impression(request_id=result.request_id, user_id="new-user",
                                         policy=result.policy, model_version=0, latency_ms=1.0,
-                                        items=items, exploration=result.exploration)  # fmt: skip
+                                        items=result.items, exploration=result.exploration)  # fmt: skip
             producer.produce(settings.topics.impressions, message, key=b"new-user")
             shown = [i.item_id for i in result.items]
             clicked = frozenset(i for i in shown if rng.random() < 0.2)

@@ -21,7 +21,7 @@ from freshrec.faults import FAULT_EXIT_STATUS
 from freshrec.settings import Settings
 from freshrec.store import Store
 from streams.admin import ensure_topics
-from streams.impressions import encode_impression
+from streams.impressions import ServedItem, encode_impression
 from streams.producer import EventProducer
 from streams.sink import AuditSink
 
@@ -81,8 +81,7 @@ def test_a_kill_between_the_impressions_and_dead_letters_inserts_loses_and_doubl
     ensure_topics(settings)
     served = encode_impression(
         request_id="r1", user_id="u1", policy="none", model_version=1, latency_ms=1.0,
-        items=[{"item_id": f"i{n}", "score": 1.0 - n / 10, "source": "popular", "explore": False,
-                "propensity": 1.0} for n in range(3)],
+        items=[ServedItem(f"i{n}", 1.0 - n / 10, "popular", False, 1.0) for n in range(3)],
     )  # fmt: skip
     with EventProducer(settings) as producer:  # one key: one partition, offsets 0 and 1
         for message in (b"not an impression", served):

@@ -17,7 +17,7 @@ from freshrec.store import Store
 from learners.runs import record_run
 from publishers.publisher import MODEL_UPDATE_COLUMNS
 from streams import replay, sink
-from streams.impressions import encode_impression
+from streams.impressions import ServedItem, encode_impression
 from streams.producer import EventProducer
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -61,9 +61,7 @@ def test_queries_agree_with_the_dataset_and_the_log(settings: Settings, store: S
             producer.produce(settings.topics.events, raw)
         # One served response with three items; a click on the second, with its request id.
         shown = (("50", "popular", False), ("100", "explore", True), ("181", "popular", False))
-        items = [
-            {"item_id": i, "score": 1.0, "source": s, "explore": e, "propensity": 1.0} for i, s, e in shown
-        ]
+        items = [ServedItem(i, 1.0, s, e, 1.0) for i, s, e in shown]
         producer.produce(
             settings.topics.impressions,
             encode_impression(
