@@ -11,6 +11,8 @@ is what gets logged, never the settings object itself.
 from __future__ import annotations
 
 import os
+import re
+import socket
 from pathlib import Path
 from typing import Any, Final
 
@@ -119,7 +121,9 @@ class StreamSettings(BaseModel):
     worker_id: str = Field(
         "0",
         pattern=r"^[A-Za-z0-9._-]{1,64}$",
-        description="This worker's stable name: its checkpoint file and its static group membership.",
+        description="This worker's stable name: its static group membership (a worker restarted under "
+        "it gets its partitions back at once; two live workers must not share one). '@hostname' takes "
+        "the machine's name, unique per container: what `docker compose up --scale` needs.",
     )
     batch_size: int = Field(
         2_000, ge=1, le=1_000_000, description="Most messages per batch: bounds how stale a read can be."
@@ -176,6 +180,13 @@ class StreamSettings(BaseModel):
         description="What this worker keeps: counters (item counts, CTR), sequences (histories, "
         "co-occurrence), heads. A subset runs as its own consumer group, so roles scale apart.",
     )
+
+    @field_validator("worker_id", mode="before")
+    @classmethod
+    def _hostname(cls, value: Any) -> Any:
+        if value == "@hostname":
+            return re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64] or "0"
+        return value
 
     @field_validator("roles")
     @classmethod

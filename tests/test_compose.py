@@ -118,6 +118,9 @@ def test_one_image_is_built_once_and_every_role_runs_a_real_cli_command(project:
         context = main.commands[command[1]].make_context(command[1], list(command[2:]))
         if name.startswith("stream-"):
             assert context.params["roles"] == (name.removeprefix("stream-"),), name
+            # Scalable: state in Kafka, not on a volume, and each container its own worker id.
+            assert service["environment"]["FRESHREC_STREAM__WORKER_ID"] == "@hostname", name
+            assert not service.get("volumes"), name
 
 
 def test_every_freshrec_variable_is_a_setting(project: dict[str, Any]) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 from support import freshrec_cli
 
-from freshrec.settings import Settings
+from freshrec.settings import Settings, StreamSettings
 
 
 def test_environment_overrides_and_nested_sections(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -80,3 +81,10 @@ def test_a_malformed_setting_exits_2_with_one_line_naming_the_variable(
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith(f"error: {expected}")
     assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_a_worker_id_of_at_hostname_is_the_machines_name_made_safe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`docker compose up --scale` starts identical containers: '@hostname' gives each its own id."""
+    monkeypatch.setattr(socket, "gethostname", lambda: "3f2a9c1b7d4e.local/x y")
+    assert StreamSettings(worker_id="@hostname").worker_id == "3f2a9c1b7d4e.local-x-y"
+    assert StreamSettings(worker_id="w1").worker_id == "w1"
