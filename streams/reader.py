@@ -19,7 +19,6 @@ import numpy as np
 import numpy.typing as npt
 
 from freshrec.errors import ConfigError
-from streams.clicks import CtrPosterior
 from streams.histories import HistoryEntry
 from streams.worker import StreamWorker
 
@@ -108,17 +107,6 @@ class StateReader:
             predict = worker.state.heads[head].predict_one
             return [predict(user_id, item) for item in items]
 
-    def ctr(self, item_id: str) -> CtrPosterior:
-        """The item's click-through posterior: impressions, attributed clicks, mean and variance."""
-        with (worker := self._keeper("counters")).lock:
-            return worker.state.clicks.posterior(item_id)
-
-    def score(self, user_id: str, item_id: str, head: str) -> tuple[float, float]:
-        """A head's score for the pair and its uncertainty in [0, 1]."""
-        with (worker := self._keeper("heads")).lock:
-            model = worker.state.heads[head]
-            return model.predict_one(user_id, item_id), model.uncertainty_one(user_id, item_id)
-
     def sizes(self) -> dict[str, int]:
         """What the state holds, for ``/metrics``: items counted, counter bytes, users with a history,
         items with co-occurrence lists, and each head's entries."""
@@ -135,8 +123,3 @@ class StateReader:
             with heads.lock:
                 out |= {f"head_{name}_entries": head.size for name, head in heads.state.heads.items()}
         return out
-
-    def offsets(self, role: str = "counters") -> dict[tuple[str, int], int]:
-        """The next offset per (topic, partition) the state of ``role`` reflects."""
-        with (worker := self._keeper(role)).lock:
-            return dict(worker.state.offsets)

@@ -63,10 +63,12 @@ def test_events_become_visible_through_the_reader_while_the_worker_runs(
     assert (counts.total, counts.windowed) == (6, {3600: 6}) and counts.decayed > 5.99
     # Impression i (even) and click i+1 share a request but not an item: no click is attributed;
     # each waits (pending) for an impression of its own item in its request.
-    assert reader.ctr("item-0").impressions == 4 and reader.ctr("item-0").clicks == 0
+    posterior = worker.state.clicks.posterior("item-0")
+    assert posterior.impressions == 4 and posterior.clicks == 0
     assert (worker.state.clicks.unattributed, worker.state.clicks.pending) == (0, 10)
-    assert reader.score("alice", "item-0", "mf")[1] < 1.0  # the heads learned too
-    assert sum(reader.offsets().values()) == 20
+    scores = reader.scores("alice", ["item-0"], "mf")
+    assert scores is not None and worker.state.heads["mf"].uncertainty_one("alice", "item-0") < 1.0
+    assert sum(worker.state.offsets.values()) == 20
     assert [item for item, _ in reader.neighbours("item-0")] == ["item-1", "item-2"]
     latencies.sort()
     print(f"produce-to-visible latency: p50 {latencies[10] * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms")

@@ -285,8 +285,9 @@ def test_roles_split_into_groups_whose_union_is_one_full_worker(
     assert split.history("1") == whole.history("1")
     assert split.neighbours("50") == whole.neighbours("50")
     assert heads.heads["mf"].size == full.state.heads["mf"].size
-    with pytest.raises(ConfigError, match="keeps the 'heads' role"):
-        StateReader(parts["counters"]).score("1", "50", "mf")
+    assert StateReader(parts["counters"]).scores("1", ["50"], "mf") is None  # no worker keeps heads
+    with pytest.raises(ConfigError, match="keeps the 'sequences' role"):
+        StateReader(parts["counters"]).history("1")
 
 
 def test_the_configured_history_length_and_cooccurrence_threshold_are_kept(
