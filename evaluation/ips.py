@@ -112,6 +112,17 @@ class Estimate:
         }
 
 
+def _clicked_join(store: Store) -> str:
+    """Each logged slot joined to the click that names its response and item (at most one counts),
+    for the requests the ``policy`` parameter keeps (empty: all)."""
+    return f"""LEFT JOIN (
+            SELECT DISTINCT assumeNotNull(request_id) AS request_id, item_id
+            FROM {store.table("events")} FINAL
+            WHERE type = 'click' AND request_id IS NOT NULL
+        ) AS c ON c.request_id = i.request_id AND c.item_id = i.item_id
+        WHERE ({{policy:String}} = '' OR i.policy = {{policy:String}})"""
+
+
 def evaluate(store: Store, *, target: str = "logging", policy: str | None = None) -> Estimate:
     """Estimate ``target``'s click rate per slot from ``impressions`` and the click events."""
     if target not in TARGETS:
@@ -120,12 +131,7 @@ def evaluate(store: Store, *, target: str = "logging", policy: str | None = None
         f"""
         SELECT i.source, i.explore, i.propensity, if(c.request_id = '', 0, 1) AS clicked
         FROM {store.table("impressions")} AS i FINAL
-        LEFT JOIN (
-            SELECT DISTINCT assumeNotNull(request_id) AS request_id, item_id
-            FROM {store.table("events")} FINAL
-            WHERE type = 'click' AND request_id IS NOT NULL
-        ) AS c ON c.request_id = i.request_id AND c.item_id = i.item_id
-        WHERE ({{policy:String}} = '' OR i.policy = {{policy:String}})
+        {_clicked_join(store)}
         """,
         {"policy": policy or ""},
     )
@@ -355,12 +361,7 @@ def read_decisions(store: Store, *, logging_policy: str | None = None) -> list[D
                argMin(i.exploration, i.position) AS exploration,
                groupArrayIf(i.item_id, c.request_id != '') AS clicked
         FROM {store.table("impressions")} AS i FINAL
-        LEFT JOIN (
-            SELECT DISTINCT assumeNotNull(request_id) AS request_id, item_id
-            FROM {store.table("events")} FINAL
-            WHERE type = 'click' AND request_id IS NOT NULL
-        ) AS c ON c.request_id = i.request_id AND c.item_id = i.item_id
-        WHERE ({{policy:String}} = '' OR i.policy = {{policy:String}})
+        {_clicked_join(store)}
         GROUP BY i.request_id
         HAVING exploration != ''
         ORDER BY i.request_id
