@@ -219,11 +219,10 @@ class Recommender:
         if self.reader is not None and fused and "mf" in self._sources:
             # The head re-ranks the head of the fused list (a cascade: river scores ~3 µs a pair).
             names = [item for item, _ in sorted(fused.items(), key=lambda kv: -kv[1])[: max(50, 3 * k)]]
-            head = self.reader.scores(user_id, names, "mf")
-            if head is not None:  # the MF head's order over the candidates joins the fusion
-                order = sorted(range(len(names)), key=lambda i: -head[i])
-                for rank, position in enumerate(order):
-                    fused[names[position]] += 1.0 / (_RRF_K + rank + 1)
+            ranked = self.reader.rank(user_id, names, "mf")
+            if ranked is not None:  # the MF head's order over the candidates joins the fusion
+                for rank, item in enumerate(ranked):
+                    fused[item] += 1.0 / (_RRF_K + rank + 1)
         return sorted(fused.items(), key=lambda kv: (-kv[1], kv[0])), source
 
     def _popular(self, reader: StateReader, n: int) -> list[tuple[str, float]]:

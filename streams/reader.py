@@ -107,6 +107,15 @@ class StateReader:
             predict = worker.state.heads[head].predict_one
             return [predict(user_id, item) for item in items]
 
+    def rank(self, user_id: str, items: Sequence[str], head: str) -> list[str] | None:
+        """``items`` in a head's order for the user (ties keep their order; None when no worker here
+        keeps that head)."""
+        worker = self._by_role.get("heads")
+        if worker is None or head not in worker.state.heads:
+            return None
+        with worker.lock:
+            return worker.state.heads[head].rank(user_id, items)
+
     def sizes(self) -> dict[str, int]:
         """What the state holds, for ``/metrics``: items counted, counter bytes, users with a history,
         items with co-occurrence lists, and each head's entries."""
