@@ -32,7 +32,9 @@ from publishers.replica import Replica
 from publishers.updates import ModelVersion, state_checksum
 from serving.recommender import Recommender
 from serving.retrieval import RowStats, ServingIndex
+from streams.ids import IdMap
 from streams.reader import StateReader
+from streams.stores import partition_of
 from streams.worker import StreamWorker
 
 __all__ = [
@@ -164,9 +166,7 @@ class ReplayEvaluator:
         self.oldest: list[tuple[str, str, int]] = []  # the first window_events learned events
         self._rng = random.Random(config.seed)
         self._seen: dict[str, set[str]] = {}
-        self._seen_rows: dict[str, list[int]] = {}
-        self._factors: FloatArray = np.zeros((0, 0))
-        self._biases: FloatArray = np.zeros(0)
+        self._mirrors: dict[int, _ItemFactorMirror] = {}  # id(head) -> mirror, per partition's head
         replica.on_version(self._on_version)
         if replica.current is not None:
             self._on_version(replica.current)
@@ -195,7 +195,9 @@ class ReplayEvaluator:
             return
         self.scorable += 1
         n = len(counters.items)
-        seen_rows = self._seen_rows.get(event.user_id, [])
+        # Rows are looked up now: the merged rows are renumbered when a store evicts items.
+        lookup = counters.items.lookup
+        seen_rows = [row for item in seen if (row := lookup(item)) >= 0]
         history = [entry.item_id for entry in self.reader.history(event.user_id)]
         vectors = {
             "popularity": counters.scores("total"),
@@ -223,18 +225,14 @@ class ReplayEvaluator:
     def learn(self, message: Message, event: Event) -> None:
         """The stream worker's own apply path for this one message, then :meth:`remember`."""
         self.worker._apply([message])
+        self._check_routing(message, event)
         self.remember(event)
 
     def remember(self, event: Event) -> None:
         """What the evaluator keeps of a learned event (seen items, MF mirror, the fine-tune's
         window), then the fine-tune schedule."""
-        counters = self.worker.state.counters
-        row = counters.items.lookup(event.item_id)
-        seen = self._seen.setdefault(event.user_id, set())
-        if event.item_id not in seen:
-            seen.add(event.item_id)
-            self._seen_rows.setdefault(event.user_id, []).append(row)
-        self._mirror_mf(len(counters.items))
+        self._seen.setdefault(event.user_id, set()).add(event.item_id)
+        self._mirror_mf(event)
         if event.type in LEARNED_TYPES:
             learned = (event.user_id, event.item_id, event.ts_ms)
             self.window.append(learned)
@@ -271,50 +269,48 @@ class ReplayEvaluator:
                     values[row] = score
         return values
 
-    def _mf_head(self) -> MatrixFactorisationHead | None:
-        head = self.worker.state.heads.get("mf")
+    def _mf_head(self, user_id: str) -> MatrixFactorisationHead | None:
+        """The MF head that learns ``user_id``'s events: the one of the user's partition."""
+        routed = self.worker.state.heads.get("mf")
+        head = routed.for_user(user_id) if routed is not None else None
         return head if isinstance(head, MatrixFactorisationHead) else None
 
+    def _mirror(self, head: MatrixFactorisationHead) -> _ItemFactorMirror:
+        """The item-factor mirror of ``head``, created (from all it learned so far) on first use."""
+        mirror = self._mirrors.get(id(head))
+        if mirror is None or mirror.head is not head:  # an id reused after a store was replaced
+            mirror = self._mirrors[id(head)] = _ItemFactorMirror(head)
+        return mirror
+
     def _mf(self, user_id: str, n: int) -> FloatArray:
-        """The MF head's score of every item row, by one product over mirrored item factors."""
-        head = self._mf_head()
+        """The MF score of every item row for ``user_id``, from the head of the user's partition."""
+        head = self._mf_head(user_id)
         if head is None:
             return np.zeros(n)
-        self._grow(n)
-        base = self._biases[:n] + head.global_mean
-        user = head.user_factors(user_id)
-        if user is None or not self._factors.shape[1]:
-            return base
-        vector, bias = user
-        scores: FloatArray = self._factors[:n] @ np.asarray(vector, dtype=np.float64) + base + bias
-        return scores
+        mirror = self._mirror(head)
+        mirror.sync(self.worker.state.counters.items)
+        return mirror.scores(user_id, n)
 
-    def _mirror_mf(self, n: int) -> None:
-        head = self._mf_head()
-        if head is None:
-            return
-        lookup = self.worker.state.counters.items.lookup
-        for item in head.touched:
-            factors = head.item_factors(item)
-            row = lookup(item)
-            if factors is None or row < 0:
-                continue
-            vector, bias = factors
-            if not self._factors.shape[1]:
-                self._factors = np.zeros((len(self._biases), len(vector)))
-            self._grow(max(n, row + 1))
-            self._factors[row] = vector
-            self._biases[row] = bias
+    def _mirror_mf(self, event: Event) -> None:
+        """Copy the item factors the event's head just changed into that head's mirror."""
+        head = self._mf_head(event.user_id)
+        if head is not None:
+            self._mirror(head).sync(self.worker.state.counters.items, head.touched)
 
-    def _grow(self, n: int) -> None:
-        if n <= len(self._biases):
+    def _check_routing(self, message: Message, event: Event) -> None:
+        """Refuse a message whose partition is not the one its user's head is routed to: the MF
+        method would score that user with a head that never learned from them."""
+        routed = self.worker.state.heads.get("mf")
+        store = self.worker.state.stores.get(message.partition() or 0)
+        if routed is None or store is None or routed.for_user(event.user_id) is store.heads.get("mf"):
             return
-        size = max(n, 2 * len(self._biases), 1024)
-        biases = np.zeros(size)
-        biases[: len(self._biases)] = self._biases
-        factors = np.zeros((size, self._factors.shape[1]))
-        factors[: len(self._factors)] = self._factors
-        self._biases, self._factors = biases, factors
+        expected = partition_of(event.user_id, routed.partitions)
+        raise ConfigError(
+            f"user {event.user_id!r}'s event came from partition {message.partition()} of "
+            f"{message.topic()}, but freshrec's partitioner puts the user in partition {expected} of "
+            f"{routed.partitions}: publish the events keyed by user id with `freshrec replay`, into a "
+            "topic with FRESHREC_BROKER_PARTITIONS partitions"
+        )
 
     # ------------------------------------------------------------------ fine-tunes
 
@@ -432,6 +428,66 @@ class ReplayEvaluator:
                 point[method] = sum(1 for g in scores.gains[lo:hi] if g > 0) / (hi - lo)
             out.append(point)
         return out
+
+
+class _ItemFactorMirror:
+    """One MF head's item factors and biases as arrays by merged counter row, so that one matrix
+    product scores the whole catalogue for a user (river keeps them in per-item dicts).
+
+    Each partition's head learns its own item factors, so each head has its own mirror. It follows
+    the head through the items each ``learn_one`` touched (:meth:`sync` with ``touched``), and
+    copies everything again when the rows it is laid out by are renumbered: the merged id map is
+    rebuilt after a store evicts items or moves away. An item the head never learned keeps zeros,
+    so its score is the head's global mean plus the user's bias, as ``predict_one`` says.
+    """
+
+    def __init__(self, head: MatrixFactorisationHead) -> None:
+        self.head = head
+        self._ids: IdMap | None = None  # the merged id map the rows below follow
+        self._factors: FloatArray = np.zeros((0, 0))
+        self._biases: FloatArray = np.zeros(0)
+
+    def sync(self, ids: IdMap, touched: Sequence[str] = ()) -> None:
+        """Bring the rows of ``touched`` items up to date; all rows when ``ids`` was rebuilt."""
+        if ids is not self._ids:
+            self._ids = ids
+            self._factors = np.zeros((0, self._factors.shape[1]))
+            self._biases = np.zeros(0)
+            touched = [item for item in ids.ids() if item]
+        for item in touched:
+            factors = self.head.item_factors(item)
+            row = ids.lookup(item)
+            if factors is None or row < 0:
+                continue
+            vector, bias = factors
+            if not self._factors.shape[1]:
+                self._factors = np.zeros((len(self._biases), len(vector)))
+            self._grow(row + 1)
+            self._factors[row] = vector
+            self._biases[row] = bias
+
+    def scores(self, user_id: str, n: int) -> FloatArray:
+        """The head's score of every row below ``n`` for ``user_id`` (its ``predict_one``)."""
+        self._grow(n)
+        base = self._biases[:n] + self.head.global_mean
+        user = self.head.user_factors(user_id)
+        if user is None:
+            return base
+        vector, bias = user
+        if not self._factors.shape[1]:
+            return base + bias
+        scores: FloatArray = self._factors[:n] @ np.asarray(vector, dtype=np.float64) + base + bias
+        return scores
+
+    def _grow(self, n: int) -> None:
+        if n <= len(self._biases):
+            return
+        size = max(n, 2 * len(self._biases), 1024)
+        biases = np.zeros(size)
+        biases[: len(self._biases)] = self._biases
+        factors = np.zeros((size, self._factors.shape[1]))
+        factors[: len(self._factors)] = self._factors
+        self._biases, self._factors = biases, factors
 
 
 def rank_of(values: FloatArray, target: int) -> int:

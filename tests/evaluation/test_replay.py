@@ -20,9 +20,10 @@ from confluent_kafka import Consumer, Message
 from evaluation import replay as replay_eval
 from evaluation.prequential import PrequentialEvaluator
 from evaluation.replay import ReplayConfig, ReplayEvaluator
-from freshrec.events import parse_event
-from freshrec.settings import Settings, TrainSettings
+from freshrec.events import Event, parse_event
+from freshrec.settings import Settings, StreamSettings, TrainSettings
 from freshrec.store import Store
+from learners.mf import MatrixFactorisationHead
 from publishers.replica import Replica
 from publishers.snapshots import SnapshotStore
 from streams import replay
@@ -171,6 +172,86 @@ def test_no_method_sees_the_event_it_is_scored_on(
     assert methods["decayed_popularity"]["hr@10"] == 1.0  # the newest item tops decayed counts
     with pytest.raises(AssertionError, match="saw the event"):
         _assert_blind(methods)
+
+
+def _independent_mf(stream: Stream, k: int = 10) -> tuple[int, float]:
+    """Hits and summed NDCG of one MF head learning the stream in order, each event ranked first by
+    ``predict_one`` over the items seen so far (the user's own left out, ties by first appearance)."""
+    head = MatrixFactorisationHead()  # what the registry builds for "mf"
+    order: dict[str, int] = {}  # item -> first appearance
+    seen: dict[str, set[str]] = {}
+    hits, ndcg = 0, 0.0
+    for n, (user, item) in enumerate(stream):
+        mine = seen.setdefault(user, set())
+        if item in order and item not in mine:
+            score = {name: head.predict_one(user, name) for name in order if name not in mine}
+            target = score[item]
+            rank = sum(
+                1
+                for name, value in score.items()
+                if value > target or (value == target and order[name] < order[item])
+            )
+            if rank < k:
+                hits += 1
+                ndcg += 1.0 / math.log2(rank + 2)
+        head.learn_one(Event(f"e{n}", user, item, "view", 1_700_000_000_000 + 60_000 * n))
+        order.setdefault(item, len(order))
+        mine.add(item)
+    return hits, ndcg
+
+
+def test_mf_ranks_as_the_head_it_learned_with(
+    make_settings: Callable[..., Settings], store: Store, tmp_path: Path
+) -> None:
+    stream = _popular_stream(400)
+    path = _write(tmp_path / "small.jsonl", stream)
+    result = replay_eval.run(
+        make_settings(train=SMALL_TRAIN), store, str(path), config=ReplayConfig(finetune_every=0)
+    )
+
+    hits, ndcg = _independent_mf(stream)
+    mf = result["methods"]["mf"]
+    assert hits > 20  # the comparison below is not between two zeros
+    assert mf["hr@10"] == pytest.approx(hits / 400, rel=1e-12)
+    assert mf["ndcg@10"] == pytest.approx(ndcg / 400, rel=1e-12)
+
+
+class ChecksMf(ReplayEvaluator):
+    """After each learned event, compares the user's MF scores with what the user's head predicts."""
+
+    checked = 0
+
+    def remember(self, event: Event) -> None:
+        super().remember(event)
+        ids = self.worker.state.counters.items
+        items = [ids.id_of(row) for row in range(len(ids))]
+        scores = self._mf(event.user_id, len(items))
+        head = self.worker.state.heads["mf"]
+        expected = [head.predict_one(event.user_id, item) if item else 0.0 for item in items]
+        known = np.asarray([bool(item) for item in items])  # a row freed by an eviction scores nothing
+        np.testing.assert_allclose(
+            scores[known], np.asarray(expected)[known], rtol=1e-9, err_msg=event.event_id
+        )
+        self.checked += 1
+
+
+def test_mf_scores_each_user_with_the_head_of_the_users_partition(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    stream = _popular_stream(300, users=24, items=40, seed=5)
+    path = _write(tmp_path / "small.jsonl", stream)
+    # Four partitions, so four heads; 12 items per store, so stores evict items and the merged
+    # rows the scores are laid out by are renumbered as the stream goes.
+    settings = make_settings(train=SMALL_TRAIN, broker_partitions=4, stream=StreamSettings(max_items=12))
+    driven = _drive(settings, path, ChecksMf)
+
+    state = driven.worker.state
+    assert isinstance(driven, ChecksMf) and driven.checked == 300
+    assert len(state.stores) == 4  # the users' events were learned by four heads
+    assert all(store.counters.evicted for store in state.stores.values())
+    ids = state.counters.items
+    for user in sorted({user for user, _ in stream}):
+        assert np.ptp(driven._mf(user, len(ids))) > 0, f"{user}'s scores are all equal: nothing learned"
 
 
 def test_the_frozen_transformer_never_changes_and_the_replica_follows_each_finetune(
