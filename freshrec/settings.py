@@ -405,6 +405,12 @@ class ServeSettings(BaseModel):
         description="GET /readyz is 503 while the replica's stream state is more than this many "
         "messages behind the end of its topics.",
     )
+    bootstrap: bool = Field(
+        True,
+        description="A replica's stream state starts from the newest snapshots of the stream workers' "
+        "changelog (state.<roles> of FRESHREC_STREAM__GROUP_ID, every role in one group) or its own, "
+        "whichever is further on, then follows the topics; off: it reads the topics from offset 0.",
+    )
     ready_kafka_timeout_s: float = Field(
         1.0,
         gt=0,

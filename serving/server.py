@@ -2,7 +2,8 @@
 
 A replica keeps its own real-time state: a stream worker (every role, consumer group
 ``<stream group>.serve-<worker id>``, so it reads every partition and does not take partitions from
-the ``freshrec stream`` workers), a model replica following ``model.sparse`` / ``model.dense`` (and
+the ``freshrec stream`` workers; see :func:`bootstrap_changelogs` for where its state starts), a
+model replica following ``model.sparse`` / ``model.dense`` (and
 healing from the snapshot store), the :class:`~serving.recommender.Recommender` over both, and the
 HTTP API on uvicorn. Replicas scale out by running more of them: each one reads the whole stream.
 
@@ -45,7 +46,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from freshrec.errors import ConfigError, KafkaUnavailable, StoreUnavailable
 from freshrec.processes import die_with_parent
-from freshrec.settings import Settings
+from freshrec.settings import STREAM_ROLES, Settings
 from freshrec.store import Store
 from learners.registry import build_heads
 from publishers.replica import Replica, ReplicaSubscriber
@@ -54,6 +55,7 @@ from serving.api import Readiness, create_app
 from serving.dashboard import LazyStore
 from serving.dealer import Dealer, DealtServer
 from serving.recommender import SERVED_HEADS, Recommender
+from streams.changelog import changelog_topic
 from streams.producer import EventProducer
 from streams.reader import StateReader
 from streams.worker import StreamWorker
@@ -64,6 +66,7 @@ __all__ = [
     "ServingStack",
     "api_producers",
     "api_server",
+    "bootstrap_changelogs",
     "bounded_http",
     "serve",
 ]
@@ -97,7 +100,7 @@ class ServingStack:
         # Only the heads serving reads (the MF head ranks candidates); any other head a stream worker
         # keeps would cost every replica its learning for nothing.
         heads = {name: head for name, head in build_heads(stream).items() if name in SERVED_HEADS}
-        self.worker = StreamWorker(self.settings, heads=heads)
+        self.worker = StreamWorker(self.settings, heads=heads, bootstrap=bootstrap_changelogs(settings))
         self.replica = Replica(snapshots=SnapshotStore.for_settings(settings))
         self.subscriber = ReplicaSubscriber(settings, self.replica)
         self.producer, self.decisions = api_producers(settings)
@@ -184,6 +187,33 @@ class ServingStack:
         """Block until the API stops (SIGINT/SIGTERM reach uvicorn only in the main thread: see the CLI)."""
         for thread in self._threads:
             thread.join()
+
+
+def bootstrap_changelogs(settings: Settings) -> list[str]:
+    """The stream workers' changelogs a replica's state starts from (none with
+    ``FRESHREC_SERVE__BOOTSTRAP`` off); ``settings`` are the replica's, before its serving group.
+
+    A replica is a stream worker in a group of its own, so by itself it would read ``events`` from
+    offset 0: at production volume, hours before ``/readyz`` turns 200. Instead each partition
+    starts from the newest snapshot, by the offsets it reflects, of the stream group that keeps the
+    replica's roles (``freshrec stream`` keeps them all in one group: ``state.<all roles>``) or of
+    the replica's own changelog (a replica restarted with its worker id), then follows the topics;
+    ``/readyz`` is 200 once it has caught up. A snapshot with heads the replica does not keep still
+    loads (serving keeps the MF head only); one without the replica's heads is not used.
+
+    When the deployment splits the roles into one group each (docker-compose's stream-counters,
+    stream-sequences and stream-heads), their parts live in separate changelogs at separate
+    offsets, which a replica does not combine: it logs that it found no changelog to start from and
+    reads from offset 0 (or its own snapshot). Run one ``freshrec stream`` group with every role
+    beside them for replicas to start fast.
+    """
+    if not settings.serve.bootstrap:
+        return []
+    topics = [changelog_topic(settings)]
+    if set(settings.stream.roles) != set(STREAM_ROLES):  # a group that keeps every role holds ours too
+        every = settings.stream.model_copy(update={"roles": STREAM_ROLES})
+        topics.append(changelog_topic(settings.model_copy(update={"stream": every})))
+    return topics
 
 
 def api_producers(settings: Settings) -> tuple[EventProducer, EventProducer]:

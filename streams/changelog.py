@@ -122,9 +122,10 @@ def changelog_topic(settings: Settings) -> str:
     return f"{settings.topic_prefix}state.{group}{roles}"
 
 
-def ensure_changelog(settings: Settings, topic: str, *, timeout_s: float = 30.0) -> int:
+def ensure_changelog(settings: Settings, topic: str, *, timeout_s: float = 30.0, create: bool = True) -> int:
     """Create the compacted changelog ``topic`` if it does not exist, with as many partitions as
-    ``events`` has; return its partition count."""
+    ``events`` has; return its partition count. With ``create`` off, a missing topic is left
+    missing and its count is 0 (a reader of another group's state must not create it)."""
     admin = AdminClient(settings.kafka_config(log_level=3))
     try:
         topics = admin.list_topics(timeout=timeout_s).topics
@@ -135,6 +136,8 @@ def ensure_changelog(settings: Settings, topic: str, *, timeout_s: float = 30.0)
         ) from exc
     if topic in topics:
         return len(topics[topic].partitions)
+    if not create:
+        return 0
     events = topics.get(settings.topics.events)
     partitions = len(events.partitions) if events is not None else settings.broker_partitions
     config = {
@@ -354,13 +357,18 @@ class Changelog:
         topic: str | None = None,
         chunk_bytes: int = CHUNK_BYTES,
         timeout_s: float = 30.0,
+        create: bool = True,
     ) -> None:
+        """``topic``: this group's changelog by default. ``create`` off opens another group's
+        changelog to read only: a missing topic is not created, and restores nothing (``partitions``
+        is 0) until it exists."""
         if not 1 <= chunk_bytes <= _TOPIC_MAX_MESSAGE // 2:
             raise ValueError(f"chunk_bytes must be between 1 and {_TOPIC_MAX_MESSAGE // 2}")
         self._settings = settings
         self.topic = topic or changelog_topic(settings)
-        self.partitions = ensure_changelog(settings, self.topic, timeout_s=timeout_s)
+        self.partitions = ensure_changelog(settings, self.topic, timeout_s=timeout_s, create=create)
         self.chunk_bytes = chunk_bytes
+        self.read_only = not create
         self._timeout_s = timeout_s
         self._token = uuid.uuid4().hex[:8]
         self._lock = threading.Lock()
@@ -380,6 +388,8 @@ class Changelog:
         broker has acknowledged it (chunks, then manifest), after which older generations are
         tombstoned. Raises :class:`KafkaUnavailable` when the broker does not acknowledge in time:
         the previous snapshot then stays the newest."""
+        if self.read_only:
+            raise ValueError(f"{self.topic} was opened to read another group's state, not to write it")
         with self._lock:
             generations = self._live.setdefault(partition, {})
             sequence = max((_sequence(g) for g in generations), default=0) + 1
@@ -474,6 +484,12 @@ class Changelog:
         """The newest complete snapshot of each of ``partitions`` (every partition when None) that
         has one, read from the changelog to its high watermark. Also learns which generations are
         on the topic, so that this writer's next snapshot of these partitions cleans them up."""
+        if not self.partitions:  # a topic opened without creating it: is it there now?
+            self.partitions = ensure_changelog(
+                self._settings, self.topic, timeout_s=self._timeout_s, create=False
+            )
+            if not self.partitions:
+                return {}
         wanted = None if partitions is None else set(partitions)
         targets = (
             sorted(range(self.partitions))

@@ -103,10 +103,18 @@ class PartitionStore:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a snapshot of this partition. It must hold every head this store keeps (a head
+        missing from it would start untrained at the snapshot's offsets, having missed the events
+        before them); heads it holds beyond those are dropped, so that a serving replica, which
+        keeps only the heads it reads, loads the snapshots of stream workers that keep more."""
         if state.get("version") != _STORE_VERSION:
             raise ValueError(f"partition state version {state.get('version')} is not {_STORE_VERSION}")
-        if set(state["heads"]) != set(self.heads):
-            raise ValueError(f"snapshot has heads {sorted(state['heads'])}, this worker {sorted(self.heads)}")
+        missing = set(self.heads) - set(state["heads"])
+        if missing:
+            raise ValueError(
+                f"snapshot has heads {sorted(state['heads'])}, "
+                f"without {sorted(missing)} that this worker keeps"
+            )
         self.counters.load_state_dict(_pad_types(state["counters"]))
         self.recent.load_state_dict(state["recent"])
         self.histories.load_state_dict(state["histories"])

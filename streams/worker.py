@@ -27,6 +27,14 @@ image of the state, encodes each changed partition and writes them to a local ha
 (``$FRESHREC_HOME/stream/<group>/<worker_id>.ckpt``), which a thread of the worker then sends to the
 changelog; the pause is the fork, not a copy of the state. The file is never read back as state.
 
+**Bootstrap.** A worker may also be given other groups' changelogs to start from, read only
+(``bootstrap``): each partition then starts from the newest snapshot, by the offsets it reflects,
+among its own group's and those. A serving replica, whose worker is a group of its own, starts from
+the stream workers' snapshots rather than from offset 0, and a replica restarted with its worker id
+from its own snapshot when that is further on. Any such snapshot is as good as its own group's,
+since a partition's state is a function of the prefix applied; heads a snapshot holds beyond the
+worker's are dropped, and one lacking a head the worker keeps is not used.
+
 **Rescaling.** Workers join and leave a group at any time (``docker-compose up --scale
 stream-counters=3``, each replica with its own ``FRESHREC_STREAM__WORKER_ID``: two workers with one
 id fence each other): the group rebalances, revoked partitions are flushed, assigned ones restored;
@@ -69,7 +77,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,7 +89,7 @@ from freshrec.events import Event, parse_event
 from freshrec.processes import die_with_parent
 from freshrec.settings import Settings
 from streams.admin import check_consume_error, ensure_topics
-from streams.changelog import Changelog, encode_state, gc_paused
+from streams.changelog import Changelog, Snapshot, encode_state, gc_paused
 from streams.clicks import ClickThrough
 from streams.consume import consume_loop, stop_on_signals
 from streams.cooccurrence import CoOccurrence
@@ -114,6 +122,7 @@ class StreamStats:
     batches: int = 0
     checkpoints: int = 0
     restored: int = 0  # partitions restored from the changelog
+    bootstrapped: int = 0  # of those, restored from another group's changelog (``bootstrap``)
     flushed: int = 0  # partition snapshots written on revocation or exit
 
 
@@ -281,10 +290,22 @@ class _Batch:
 class StreamWorker:
     """Consume ``events`` as part of a group and keep a :class:`StreamState` per partition."""
 
-    def __init__(self, settings: Settings, *, heads: Mapping[str, Head] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        heads: Mapping[str, Head] | None = None,
+        bootstrap: Sequence[str] = (),
+    ) -> None:
         """``heads``: the incremental models this worker feeds, one copy per partition
         (``learners.registry.build_heads`` builds the ones the settings name); none when omitted
-        or without the ``heads`` role."""
+        or without the ``heads`` role.
+
+        ``bootstrap``: changelog topics of other groups that keep (at least) this worker's roles
+        and heads, read but never written: a partition is restored from the newest snapshot, by the
+        offsets it reflects, among this group's changelog and these. A serving replica names the
+        stream workers' changelog here, so that a new replica starts where they are instead of at
+        offset 0, and a restarted one from its own snapshot when that is newer."""
         self._settings = settings
         config = settings.stream
         self._topic = settings.topics.events
@@ -304,6 +325,8 @@ class StreamWorker:
         self._snapshotted: dict[int, dict[str, int]] = {}  # offsets of each partition's newest snapshot
         self._flushed: frozenset[int] = frozenset()  # flushed at the last revocation, still in memory
         self._changelog: Changelog | None = None
+        self._bootstrap = tuple(bootstrap)
+        self._sources: dict[str, Changelog] = {}  # bootstrap changelogs found on the broker
         self._consumer: Consumer | None = None
         self._newest_ms: int | None = None  # newest event time applied (the TTL's clock)
         self._closing = False
@@ -325,26 +348,75 @@ class StreamWorker:
 
     def restore(self, partitions: Collection[int] | None = None) -> dict[int, dict[str, int]]:
         """Load the newest snapshot of ``partitions`` (every partition with one, when None) from the
-        changelog into this worker's state; partitions without one start empty. Returns the offsets
-        each restored partition reflects."""
-        snapshots = self.changelog.restore(partitions)
+        changelog, or from a ``bootstrap`` changelog when its snapshot is further on, into this
+        worker's state; partitions without one start empty. Returns the offsets each restored
+        partition reflects."""
+        own = self.changelog.restore(partitions)
+        candidates: dict[int, list[tuple[Snapshot, bool]]] = {p: [(s, True)] for p, s in own.items()}
+        for snapshot in self._bootstrap_snapshots(partitions):
+            candidates.setdefault(snapshot.partition, []).append((snapshot, False))
         restored: dict[int, dict[str, int]] = {}
         stores: dict[int, PartitionStore] = {}
-        for partition in sorted(set(snapshots) if partitions is None else set(partitions)):
+        wanted = set(candidates) if partitions is None else set(partitions)
+        for partition in sorted(wanted):
             store = stores[partition] = self.state.new_store()
-            snapshot = snapshots.pop(partition, None)
-            if snapshot is not None:
-                with gc_paused():
-                    store.load_state_dict(snapshot.state())
+            # Newest first; on a tie this group's own snapshot (listed first) wins: the sort is stable.
+            ranked = sorted(candidates.get(partition, []), key=lambda c: self._position(c[0]), reverse=True)
+            for snapshot, is_own in ranked:
+                try:
+                    with gc_paused():
+                        store.load_state_dict(snapshot.state())
+                except ValueError as exc:
+                    if is_own:
+                        raise
+                    logger.warning(
+                        "partition %d cannot start from another group's snapshot (%s): trying the next",
+                        partition,
+                        exc,
+                    )
+                    store = stores[partition] = self.state.new_store()
+                    continue
                 if store.offsets != snapshot.offsets:
                     raise ValueError(f"snapshot of partition {partition} names other offsets than it holds")
                 restored[partition] = dict(snapshot.offsets)
+                self.stats.bootstrapped += not is_own
+                break
         with self._lock:
             self.state.stores.update(stores)
         for partition in stores:
-            self._snapshotted[partition] = dict(restored.get(partition, {}))
+            # What this group's changelog holds: a bootstrapped partition is snapshotted here next.
+            self._snapshotted[partition] = dict(own[partition].offsets) if partition in own else {}
         self.stats.restored += len(restored)
         return restored
+
+    def _position(self, snapshot: Snapshot) -> tuple[int, int]:
+        """How far into its partition a snapshot is: its ``events`` offset, then its ``impressions``
+        one (a partition's snapshots of one stream are ordered by both alike)."""
+        offsets = snapshot.offsets
+        return offsets.get(self._topic, 0), offsets.get(self._impressions, 0)
+
+    def _bootstrap_snapshots(self, partitions: Collection[int] | None) -> list[Snapshot]:
+        """The newest complete snapshot of each of ``partitions`` in each bootstrap changelog that
+        exists on the broker; a missing one is named in the log (once per restore)."""
+        found: list[Snapshot] = []
+        missing: list[str] = []
+        for topic in self._bootstrap:
+            source = self._sources.get(topic)
+            if source is None:
+                source = Changelog(self._settings, topic=topic, create=False)
+                if not source.partitions:
+                    missing.append(topic)
+                    continue
+                self._sources[topic] = source
+            found.extend(source.restore(partitions).values())
+        if missing and not found:
+            logger.warning(
+                "no stream state to bootstrap from (%s not on the broker): reading the partitions from "
+                "their last snapshot here, or offset 0. Stream workers split into one group per role "
+                "keep their parts in separate changelogs, which a replica does not combine.",
+                ", ".join(missing),
+            )
+        return found
 
     def run(self, *, until_idle_s: float | None = None) -> StreamStats:
         ensure_topics(self._settings)
@@ -525,7 +597,7 @@ class StreamWorker:
             logger.info(
                 "restored partitions %s from %s in %.2f s (%s without a snapshot)",
                 sorted(restored),
-                self.changelog.topic,
+                ", ".join([self.changelog.topic, *self._bootstrap]),
                 time.monotonic() - started,
                 sorted(set(wanted) - set(restored)),
             )
