@@ -53,6 +53,7 @@ from serving.recommender import Recommender
 from serving.scan import ExactScan
 from serving.server import api_producers, api_server
 from streams.reader import StateReader
+from streams.stores import partition_of
 from streams.worker import StreamWorker
 
 USERS = 2_000
@@ -103,7 +104,7 @@ def bare_topk(table: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
     times: dict[str, list[float]] = {"numpy": [], "torch": [], "scan": []}
     hits = 0
     for _ in range(200):
-        user = rng.normal(size=table.shape[1]).astype(np.float32)
+        user = np.asarray(rng.normal(size=table.shape[1]), dtype=np.float32)
         query = torch.from_numpy(user)
         started = time.perf_counter()
         scores = table @ user
@@ -198,11 +199,19 @@ def run_size(
     worker = StreamWorker(settings.model_copy(update={"stream": stream}), heads=build_heads(stream))
     rng = np.random.default_rng(1)
     users = [f"u{n}" for n in range(USERS)]
-    for step in range(20):  # every user has a 20-item history; counters and co-occurrence follow
+    # The state is kept per input partition: each user's events go to the store of the partition
+    # freshrec's producers would write them to, as a stream worker owning every partition keeps them.
+    by_partition: dict[int, list[int]] = {}
+    for n, user in enumerate(users):
+        by_partition.setdefault(partition_of(user, settings.broker_partitions), []).append(n)
+    for step in range(20):  # every user has a 20-item history, and item counters follow
         picked = [f"i{int(x)}" for x in rng.zipf(1.2, size=USERS) % items]
-        stamps = [step * 1000] * USERS
-        worker.state.histories.append(users, picked, ["view"] * USERS, stamps)
-        worker.state.counters.update(picked, ["view"] * USERS, stamps)
+        for partition, members in sorted(by_partition.items()):
+            store = worker.state.store(partition)
+            mine = [picked[n] for n in members]
+            views, stamps = ["view"] * len(members), [step * 1000] * len(members)
+            store.histories.append([users[n] for n in members], mine, views, stamps)
+            store.counters.update(mine, views, stamps)
     settings = settings.model_copy(update={"serve": serve})
     recommender = Recommender(settings=serve, replica=replica, reader=StateReader(worker))
     index = recommender.index
