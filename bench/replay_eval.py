@@ -39,7 +39,12 @@ def main() -> None:
     parser.add_argument("--first-epochs", type=int, default=None, help="Epochs of the first training.")
     parser.add_argument("--first-budget-s", type=float, default=None, help="Budget of the first training.")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--plot", type=Path, default=Path("replay.png"))
+    parser.add_argument("--plot", type=Path, default=None, help="Write the HR@10-over-time plot here.")
+    parser.add_argument(
+        "--no-freshness-control",
+        action="store_true",
+        help="Skip transformer_stale (for data without a time order; it doubles the fine-tunes).",
+    )
     parser.add_argument("--out", type=Path, default=None, help="Write the whole result as JSON here.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -50,6 +55,7 @@ def main() -> None:
         seed=args.seed,
         first_epochs=args.first_epochs,
         first_budget_s=args.first_budget_s,
+        freshness_control=not args.no_freshness_control,
     )
     load = os.getloadavg()
     started = time.perf_counter()

@@ -32,7 +32,8 @@ Methods, all on the same requests:
   holding the *oldest* events instead of the freshest. Against ``transformer_frozen`` the served
   transformer gains from both more training and fresher data; against ``transformer_stale`` only
   from fresher data (the first windows are the same events, so the two part only once the stream
-  has outgrown one window);
+  has outgrown one window). ``freshness_control=False`` skips it (it doubles the fine-tunes' cost)
+  and the method then scores nothing;
 - ``served``, ``served_explore``: the lists the API returns, ranked by the configured fusion
   (``FRESHREC_SERVE__FUSION``; the result's ``fusion`` says which).
 
@@ -193,7 +194,11 @@ def _replay(
 
     control_sink = MemorySink()
     control_sink.on_version(evaluator.on_stale_version)
-    control = FineTuner(settings, publisher=control_sink, source=evaluator.stale_window)
+    control = (
+        FineTuner(settings, publisher=control_sink, source=evaluator.stale_window)
+        if config.freshness_control
+        else None
+    )
 
     def finetune(at_event: int) -> int | None:
         # The first cycle trains longer; the next ones warm-start from what it published. The
@@ -201,12 +206,13 @@ def _replay(
         try:
             if publisher.latest is None:
                 version = first.cycle().version
-                if publisher.latest is not None:
+                if publisher.latest is not None and control is not None:
                     control_sink.latest = publisher.latest
                     evaluator.on_stale_version(publisher.latest)
                 return version
             version = tuner.cycle().version
-            control.cycle()
+            if control is not None:
+                control.cycle()
             return version
         except NothingToTrain as exc:
             logger.info("no fine-tune at event %d: %s", at_event, exc)

@@ -72,6 +72,9 @@ class ReplayConfig:
     seed: int = 0  # of the sample and of the exploration sampler
     apply_timeout_s: float = 120.0  # longest wait for the replica to apply a published version
     buckets: int = 20  # points of the quality-over-time series
+    # The freshness control (transformer_stale): a second fine-tuner at every fine-tune, doubling
+    # their cost. Off for data without a time order (its events are then just another order).
+    freshness_control: bool = True
 
     def __post_init__(self) -> None:
         if self.k < 1:

@@ -79,9 +79,22 @@ def eval_prequential(dataset: str, limit: int | None, as_json: bool) -> None:
     show_default=True,
     help="Where the plot of HR@10 over event time goes.",
 )
+@click.option(
+    "--no-freshness-control",
+    is_flag=True,
+    help="Skip transformer_stale, the freshness control (it doubles the fine-tunes' cost; for data "
+    "without a time order it measures nothing).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_replay(
-    dataset: str, limit: int | None, sample: float, finetune_every: int, seed: int, plot: str, as_json: bool
+    dataset: str,
+    limit: int | None,
+    sample: float,
+    finetune_every: int,
+    seed: int,
+    plot: str,
+    no_freshness_control: bool,
+    as_json: bool,
 ) -> None:
     """HR@10 / NDCG@10 of the served list and of each source, each event scored before it is learned."""
     from evaluation import replay as replay_eval
@@ -90,7 +103,12 @@ def eval_replay(
     settings = load_settings()
     ensure_kafka(settings)
     with errors(), progress_bar(f"eval replay {dataset}", sys.stderr.isatty()) as progress:
-        config = replay_eval.ReplayConfig(finetune_every=finetune_every, sample=sample, seed=seed)
+        config = replay_eval.ReplayConfig(
+            finetune_every=finetune_every,
+            sample=sample,
+            seed=seed,
+            freshness_control=not no_freshness_control,
+        )
         store = open_store(settings)
         try:
             result = replay_eval.run(

@@ -333,3 +333,18 @@ def test_the_cli_prints_the_promised_json(settings: Settings, tmp_path: Path) ->
         low, high = method["ci95"]
         assert 0 <= low <= method["hr@10"] <= high <= 1 and 0 <= method["ndcg@10"] <= method["hr@10"], name
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_freshness_control_can_be_left_out(
+    make_settings: Callable[..., Settings], store: Store, tmp_path: Path
+) -> None:
+    """Data without a time order has no fresh window to compare: the control (a second fine-tune at
+    every fine-tune) is then skipped, and its method scores nothing."""
+    path = _write(tmp_path / "small.jsonl", _popular_stream(300, users=20, items=40, seed=3))
+    settings = make_settings(train=SMALL_TRAIN)
+    result = replay_eval.run(
+        settings, None, str(path), config=ReplayConfig(finetune_every=150, freshness_control=False)
+    )
+    assert [c["at_event"] for c in result["finetunes"]] == [150, 300]
+    assert result["stale"] is None and result["frozen"] is not None
+    assert result["methods"]["transformer_stale"]["hr@10"] == 0.0
