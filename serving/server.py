@@ -28,6 +28,7 @@ applied from the moment a connection opens, not only after a first response.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import multiprocessing
 import os
@@ -189,31 +190,36 @@ class ServingStack:
             thread.join()
 
 
-def bootstrap_changelogs(settings: Settings) -> list[str]:
-    """The stream workers' changelogs a replica's state starts from (none with
-    ``FRESHREC_SERVE__BOOTSTRAP`` off); ``settings`` are the replica's, before its serving group.
+def bootstrap_changelogs(settings: Settings) -> dict[str, tuple[str, ...]]:
+    """The stream workers' changelogs a replica's state may start from, each with the roles its
+    group keeps (none with ``FRESHREC_SERVE__BOOTSTRAP`` off); ``settings`` are the replica's,
+    before its serving group.
 
     A replica is a stream worker in a group of its own, so by itself it would read ``events`` from
     offset 0: at production volume, hours before ``/readyz`` turns 200. Instead each partition
-    starts from the newest snapshot, by the offsets it reflects, of the stream group that keeps the
-    replica's roles (``freshrec stream`` keeps them all in one group: ``state.<all roles>``) or of
-    the replica's own changelog (a replica restarted with its worker id), then follows the topics;
-    ``/readyz`` is 200 once it has caught up. A snapshot with heads the replica does not keep still
-    loads (serving keeps the MF head only); one without the replica's heads is not used.
+    starts from the stream group's snapshots (``FRESHREC_STREAM__GROUP_ID``) or from the replica's
+    own (a replica restarted with its worker id), whichever are further on, then follows the
+    topics; ``/readyz`` is 200 once it has caught up.
 
-    When the deployment splits the roles into one group each (docker-compose's stream-counters,
-    stream-sequences and stream-heads), their parts live in separate changelogs at separate
-    offsets, which a replica does not combine: it logs that it found no changelog to start from and
-    reads from offset 0 (or its own snapshot). Run one ``freshrec stream`` group with every role
-    beside them for replicas to start fast.
+    - ``freshrec stream`` keeps every role in one group: one changelog, ``state.<all roles>``.
+    - A deployment that splits the roles into groups (docker-compose's stream-counters,
+      stream-sequences and stream-heads) keeps each part in its own changelog at its own offsets:
+      each part is restored from its own, and the replica reads from the lowest of their offsets,
+      applying each event only to the parts that had not seen it.
+
+    Every split of the roles is listed; those not on the broker are skipped. A snapshot with heads
+    the replica does not keep still loads (serving keeps the MF head only); one without the
+    replica's heads is not used, and without any usable snapshot a partition is read from offset 0
+    (said in the log).
     """
     if not settings.serve.bootstrap:
-        return []
-    topics = [changelog_topic(settings)]
-    if set(settings.stream.roles) != set(STREAM_ROLES):  # a group that keeps every role holds ours too
-        every = settings.stream.model_copy(update={"roles": STREAM_ROLES})
-        topics.append(changelog_topic(settings.model_copy(update={"stream": every})))
-    return topics
+        return {}
+    sources: dict[str, tuple[str, ...]] = {}
+    for size in range(len(STREAM_ROLES), 0, -1):
+        for roles in itertools.combinations(STREAM_ROLES, size):
+            stream = settings.stream.model_copy(update={"roles": roles})
+            sources[changelog_topic(settings.model_copy(update={"stream": stream}))] = roles
+    return sources
 
 
 def api_producers(settings: Settings) -> tuple[EventProducer, EventProducer]:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -48,6 +48,7 @@ from streams.histories import HistoryEntry, UserHistories
 from streams.ids import IdMap
 
 __all__ = [
+    "ROLE_PARTS",
     "MergedClicks",
     "MergedCoOccurrence",
     "MergedCounters",
@@ -62,6 +63,13 @@ FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
 _STORE_VERSION = 2
+
+#: What each stream role keeps of a store.
+ROLE_PARTS: Final = {
+    "counters": ("counters", "clicks"),
+    "sequences": ("histories", "cooccurrence"),
+    "heads": ("heads",),
+}
 
 
 def partition_of(key: str, partitions: int) -> int:
@@ -89,6 +97,9 @@ class PartitionStore:
         self.clicks = clicks
         self.heads = heads
         self.offsets: dict[str, int] = {}  # input topic -> next offset to read in this partition
+        # Parts (by role) restored from a snapshot further on than ``offsets``: per input topic, the
+        # offset from which each applies events again (see ``load_parts``). Empty once caught up.
+        self.ahead: dict[str, dict[str, int]] = {}
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -107,22 +118,64 @@ class PartitionStore:
         missing from it would start untrained at the snapshot's offsets, having missed the events
         before them); heads it holds beyond those are dropped, so that a serving replica, which
         keeps only the heads it reads, loads the snapshots of stream workers that keep more."""
+        for role in ROLE_PARTS:
+            self.load_part(state, role)
+        self.recent.load_state_dict(state["recent"])
+        self.offsets = {str(topic): int(offset) for topic, offset in state["offsets"].items()}
+        self.ahead = {}
+
+    def load_part(self, state: dict[str, Any], role: str) -> None:
+        """Load only the part of a snapshot that ``role`` keeps (:data:`ROLE_PARTS`); its offsets
+        and recent ids are not touched."""
         if state.get("version") != _STORE_VERSION:
             raise ValueError(f"partition state version {state.get('version')} is not {_STORE_VERSION}")
-        missing = set(self.heads) - set(state["heads"])
-        if missing:
-            raise ValueError(
-                f"snapshot has heads {sorted(state['heads'])}, "
-                f"without {sorted(missing)} that this worker keeps"
-            )
-        self.counters.load_state_dict(_pad_types(state["counters"]))
-        self.recent.load_state_dict(state["recent"])
-        self.histories.load_state_dict(state["histories"])
-        self.cooccurrence.load_state_dict(state["cooccurrence"])
-        self.clicks.load_state_dict(state["clicks"])
-        for name, head in self.heads.items():
-            head.load_state_dict(state["heads"][name])
-        self.offsets = {str(topic): int(offset) for topic, offset in state["offsets"].items()}
+        if role == "counters":
+            self.counters.load_state_dict(_pad_types(state["counters"]))
+            self.clicks.load_state_dict(state["clicks"])
+        elif role == "sequences":
+            self.histories.load_state_dict(state["histories"])
+            self.cooccurrence.load_state_dict(state["cooccurrence"])
+        elif role == "heads":
+            missing = set(self.heads) - set(state["heads"])
+            if missing:
+                raise ValueError(
+                    f"snapshot has heads {sorted(state['heads'])}, "
+                    f"without {sorted(missing)} that this worker keeps"
+                )
+            for name, head in self.heads.items():
+                head.load_state_dict(state["heads"][name])
+        else:
+            raise ValueError(f"unknown role {role!r}; known: {', '.join(ROLE_PARTS)}")
+
+    def load_parts(self, parts: Mapping[str, dict[str, Any]], *, events: str) -> None:
+        """Load each role's part from its own snapshot (``parts``: role -> state), as when the
+        roles run as separate groups, each with its changelog at its own offsets.
+
+        The store then reads from the lowest offsets of them (per input topic), with the recent
+        ids of the snapshot lowest in ``events`` (the input topic), and :attr:`ahead` records, per
+        part that is further on, from which offset it applies events again: up to there, an event
+        is applied to the parts that have not seen it only. Since each part is a function of the
+        prefix alone, the result equals one store that kept every role."""
+        if not parts:
+            raise ValueError("no part to load")
+        for role, state in parts.items():
+            self.load_part(state, role)
+        offsets = {
+            role: {str(t): int(o) for t, o in state["offsets"].items()} for role, state in parts.items()
+        }
+        topics = {topic for by_topic in offsets.values() for topic in by_topic}
+        self.offsets = {
+            # A part that has no offset in a topic does not read it (sequences and heads: impressions).
+            topic: min(by_topic[topic] for by_topic in offsets.values() if topic in by_topic)
+            for topic in topics
+        }
+        base = min(parts, key=lambda role: offsets[role].get(events, 0))
+        self.recent.load_state_dict(parts[base]["recent"])
+        self.ahead = {}
+        for role, by_topic in offsets.items():
+            ahead = {t: o for t, o in by_topic.items() if o > self.offsets.get(t, 0)}
+            if ahead:
+                self.ahead[role] = ahead
 
 
 def _trim_types(counters: dict[str, Any]) -> dict[str, Any]:

@@ -33,7 +33,11 @@ among its own group's and those. A serving replica, whose worker is a group of i
 the stream workers' snapshots rather than from offset 0, and a replica restarted with its worker id
 from its own snapshot when that is further on. Any such snapshot is as good as its own group's,
 since a partition's state is a function of the prefix applied; heads a snapshot holds beyond the
-worker's are dropped, and one lacking a head the worker keeps is not used.
+worker's are dropped, and one lacking a head the worker keeps is not used. When the roles run as
+separate groups, each part (role) is restored from its own group's snapshot, and the worker reads
+from the lowest of their offsets, applying each event only to the parts that have not seen it
+(:meth:`~streams.stores.PartitionStore.load_parts`); such a store is snapshotted once every part
+has caught up.
 
 **Rescaling.** Workers join and leave a group at any time (``docker-compose up --scale
 stream-counters=3``, each replica with its own ``FRESHREC_STREAM__WORKER_ID``: two workers with one
@@ -69,6 +73,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 import os
 import pickle
 import signal
@@ -77,7 +82,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,6 +241,7 @@ class CheckpointStore:
 
 
 _CAN_FORK = sys.platform == "linux"
+_TS_MS = operator.attrgetter("ts_ms")
 
 
 def _encode_stores(stores: Mapping[int, PartitionStore], partitions: Collection[int]) -> dict[int, bytes]:
@@ -278,6 +284,19 @@ def _observe_served(observe: Callable[[str, str, str | None], None], value: byte
         observe("impression", item.item_id, response.request_id)
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class _Candidate:
+    """A snapshot a partition may start from, the roles its group keeps, and whether it is this
+    group's own."""
+
+    snapshot: Snapshot
+    roles: frozenset[str]
+    own: bool = False
+
+    def state(self) -> dict[str, Any]:
+        return self.snapshot.state()
+
+
 @dataclass(slots=True)
 class _Batch:
     """One partition's share of a consumed batch, parsed outside the lock."""
@@ -285,6 +304,9 @@ class _Batch:
     events: list[Event]
     served: list[bytes]  # messages of the impressions topic
     offsets: dict[str, int]
+    # The offset of each event and served message, kept only while a part of the store is ahead.
+    event_offsets: list[int] | None = None
+    served_offsets: list[int] | None = None
 
 
 class StreamWorker:
@@ -295,7 +317,7 @@ class StreamWorker:
         settings: Settings,
         *,
         heads: Mapping[str, Head] | None = None,
-        bootstrap: Sequence[str] = (),
+        bootstrap: Mapping[str, Collection[str]] | None = None,
     ) -> None:
         """``heads``: the incremental models this worker feeds, one copy per partition
         (``learners.registry.build_heads`` builds the ones the settings name); none when omitted
@@ -325,7 +347,7 @@ class StreamWorker:
         self._snapshotted: dict[int, dict[str, int]] = {}  # offsets of each partition's newest snapshot
         self._flushed: frozenset[int] = frozenset()  # flushed at the last revocation, still in memory
         self._changelog: Changelog | None = None
-        self._bootstrap = tuple(bootstrap)
+        self._bootstrap = {topic: frozenset(roles) for topic, roles in (bootstrap or {}).items()}
         self._sources: dict[str, Changelog] = {}  # bootstrap changelogs found on the broker
         self._consumer: Consumer | None = None
         self._newest_ms: int | None = None  # newest event time applied (the TTL's clock)
@@ -352,35 +374,20 @@ class StreamWorker:
         worker's state; partitions without one start empty. Returns the offsets each restored
         partition reflects."""
         own = self.changelog.restore(partitions)
-        candidates: dict[int, list[tuple[Snapshot, bool]]] = {p: [(s, True)] for p, s in own.items()}
-        for snapshot in self._bootstrap_snapshots(partitions):
-            candidates.setdefault(snapshot.partition, []).append((snapshot, False))
+        candidates: dict[int, list[_Candidate]] = {
+            p: [_Candidate(snapshot, self.roles, own=True)] for p, snapshot in own.items()
+        }
+        for candidate in self._bootstrap_snapshots(partitions):
+            candidates.setdefault(candidate.snapshot.partition, []).append(candidate)
         restored: dict[int, dict[str, int]] = {}
         stores: dict[int, PartitionStore] = {}
         wanted = set(candidates) if partitions is None else set(partitions)
         for partition in sorted(wanted):
-            store = stores[partition] = self.state.new_store()
-            # Newest first; on a tie this group's own snapshot (listed first) wins: the sort is stable.
-            ranked = sorted(candidates.get(partition, []), key=lambda c: self._position(c[0]), reverse=True)
-            for snapshot, is_own in ranked:
-                try:
-                    with gc_paused():
-                        store.load_state_dict(snapshot.state())
-                except ValueError as exc:
-                    if is_own:
-                        raise
-                    logger.warning(
-                        "partition %d cannot start from another group's snapshot (%s): trying the next",
-                        partition,
-                        exc,
-                    )
-                    store = stores[partition] = self.state.new_store()
-                    continue
-                if store.offsets != snapshot.offsets:
-                    raise ValueError(f"snapshot of partition {partition} names other offsets than it holds")
-                restored[partition] = dict(snapshot.offsets)
-                self.stats.bootstrapped += not is_own
-                break
+            store, used = self._load_newest(partition, candidates.get(partition, []))
+            stores[partition] = store
+            if used:
+                restored[partition] = dict(store.offsets)
+                self.stats.bootstrapped += any(not c.own for c in used)
         with self._lock:
             self.state.stores.update(stores)
         for partition in stores:
@@ -395,12 +402,79 @@ class StreamWorker:
         offsets = snapshot.offsets
         return offsets.get(self._topic, 0), offsets.get(self._impressions, 0)
 
-    def _bootstrap_snapshots(self, partitions: Collection[int] | None) -> list[Snapshot]:
+    def _load_newest(
+        self, partition: int, candidates: list[_Candidate]
+    ) -> tuple[PartitionStore, list[_Candidate]]:
+        """A store of ``partition`` built from the snapshots furthest on, and the ones it used.
+
+        Each part (role) comes from the snapshot furthest on among those that keep it (this group's
+        own on a tie). When one snapshot gives every part, it is loaded whole; when the parts come
+        from several (stream workers split by role), each is loaded from its own and the store
+        catches the others up (:meth:`~streams.stores.PartitionStore.load_parts`). A bootstrap
+        snapshot that cannot be loaded (without a head this worker keeps) is left out, with a log
+        line; this group's own must load."""
+        options = list(candidates)
+        while True:
+            chosen: dict[str, _Candidate] = {}
+            for role in self.roles:
+                keeping = [c for c in options if role in c.roles]
+                if keeping:
+                    chosen[role] = max(keeping, key=lambda c: self._position(c.snapshot))
+            if set(chosen) != self.roles:  # no own snapshot, and the others do not keep every part
+                if options:
+                    logger.warning(
+                        "partition %d: the stream state found (%s) does not keep %s: reading from offset 0",
+                        partition,
+                        ", ".join(sorted({role for c in options for role in c.roles})),
+                        ", ".join(sorted(self.roles - set(chosen))),
+                    )
+                return self.state.new_store(), []
+            used = list({id(c): c for c in chosen.values()}.values())
+            store = self.state.new_store()
+            states: dict[int, dict[str, Any]] = {}
+            try:
+                with gc_paused():
+                    for candidate in used:
+                        states[id(candidate)] = candidate.state()
+                    if len(used) == 1:
+                        store.load_state_dict(states[id(used[0])])
+                    else:
+                        store.load_parts({r: states[id(c)] for r, c in chosen.items()}, events=self._topic)
+            except ValueError as exc:
+                culprit = self._unloadable(chosen, states) if len(used) > 1 else used[0]
+                if culprit is None or culprit.own:
+                    raise
+                logger.warning(
+                    "partition %d cannot start from another group's snapshot (%s): trying the next",
+                    partition,
+                    exc,
+                )
+                options = [c for c in options if c is not culprit]
+                continue
+            if len(used) == 1 and store.offsets != used[0].snapshot.offsets:
+                raise ValueError(f"snapshot of partition {partition} names other offsets than it holds")
+            return store, used
+
+    def _unloadable(
+        self, chosen: Mapping[str, _Candidate], states: Mapping[int, dict[str, Any]]
+    ) -> _Candidate | None:
+        """The first snapshot whose part cannot be loaded (the slow path of a failed restore)."""
+        for role, candidate in chosen.items():
+            state = states.get(id(candidate))
+            try:
+                if state is None:  # its payload did not decode
+                    return candidate
+                self.state.new_store().load_part(state, role)
+            except ValueError:
+                return candidate
+        return None
+
+    def _bootstrap_snapshots(self, partitions: Collection[int] | None) -> list[_Candidate]:
         """The newest complete snapshot of each of ``partitions`` in each bootstrap changelog that
-        exists on the broker; a missing one is named in the log (once per restore)."""
-        found: list[Snapshot] = []
+        exists on the broker; when none exists, that is said in the log (once per restore)."""
+        found: list[_Candidate] = []
         missing: list[str] = []
-        for topic in self._bootstrap:
+        for topic, roles in self._bootstrap.items():
             source = self._sources.get(topic)
             if source is None:
                 source = Changelog(self._settings, topic=topic, create=False)
@@ -408,12 +482,11 @@ class StreamWorker:
                     missing.append(topic)
                     continue
                 self._sources[topic] = source
-            found.extend(source.restore(partitions).values())
+            found.extend(_Candidate(s, roles) for s in source.restore(partitions).values())
         if missing and not found:
             logger.warning(
-                "no stream state to bootstrap from (%s not on the broker): reading the partitions from "
-                "their last snapshot here, or offset 0. Stream workers split into one group per role "
-                "keep their parts in separate changelogs, which a replica does not combine.",
+                "no stream state to bootstrap from (%s not on the broker): reading the partitions "
+                "from this group's last snapshot, or offset 0",
                 ", ".join(missing),
             )
         return found
@@ -477,7 +550,12 @@ class StreamWorker:
 
     def _dirty(self, partitions: Collection[int]) -> list[int]:
         stores = self.state.stores
-        return sorted(p for p in partitions if p in stores and stores[p].offsets != self._snapshotted.get(p))
+        # A store whose parts are at different offsets (``ahead``) is not one snapshot's worth yet.
+        return sorted(
+            p
+            for p in partitions
+            if p in stores and not stores[p].ahead and stores[p].offsets != self._snapshotted.get(p)
+        )
 
     def checkpoint(self, *, wait: bool = False) -> None:
         """Snapshot the partitions that moved on since their last snapshot to the changelog,
@@ -670,9 +748,14 @@ class StreamWorker:
                 if partition not in stores:
                     with self._lock:
                         self.state.store(partition)
-            batch.offsets[topic] = message.offset() + 1  # type: ignore[operator]
+                if stores[partition].ahead:
+                    batch.event_offsets, batch.served_offsets = [], []
+            offset: int = message.offset()  # type: ignore[assignment]
+            batch.offsets[topic] = offset + 1
             if topic == self._impressions:
                 batch.served.append(message.value() or b"")
+                if batch.served_offsets is not None:
+                    batch.served_offsets.append(offset)
                 continue
             kafka_ts = message.timestamp()[1]
             reference_ms = kafka_ts if 0 < kafka_ts < now_ms else now_ms  # as the sink: replay-stable
@@ -687,7 +770,8 @@ class StreamWorker:
                 continue
             recent.add(event.event_id)
             batch.events.append(event)
-        roles = self.roles
+            if batch.event_offsets is not None:
+                batch.event_offsets.append(offset)
         counted = 0
         newest = self._newest_ms
         with self._lock:
@@ -695,35 +779,65 @@ class StreamWorker:
                 store = stores[partition]
                 learned = batch.events
                 if learned:
-                    users = [event.user_id for event in learned]
-                    items = [event.item_id for event in learned]
-                    types = [event.type for event in learned]
-                    stamps = [event.ts_ms for event in learned]
-                    counted += len(items)
-                    top = max(stamps)
+                    counted += len(learned)
+                    top = max(map(_TS_MS, learned))
                     newest = top if newest is None else max(newest, top)
+                if batch.event_offsets is None or batch.served_offsets is None:
+                    _apply_parts(store, self.roles, learned, batch.served)
                 else:
-                    users, items, types, stamps = [], [], [], []
-                if "counters" in roles:
-                    store.counters.update(items, types, stamps)
-                    observe_click = store.clicks.observe
-                    for value in batch.served:  # impressions first: a batch's clicks then find theirs
-                        _observe_served(observe_click, value)
-                    for event in learned:
-                        if event.type == "impression" or event.type == "click":
-                            observe_click(event.type, event.item_id, event.request_id)
-                if "sequences" in roles and learned:
-                    histories = store.histories
-                    store.cooccurrence.observe_batch(users, items, histories.recent_items)
-                    histories.append(users, items, types, stamps)
-                for head in store.heads.values():
-                    learn = head.learn_one
-                    for event in learned:
-                        learn(event)
+                    self._apply_behind(store, batch)
                 store.offsets.update(batch.offsets)
         stats.counted += counted
         self._newest_ms = newest
         stats.batches += 1
+
+    def _apply_behind(self, store: PartitionStore, batch: _Batch) -> None:
+        """Apply a batch to a store whose parts were restored at different offsets (see
+        :meth:`~streams.stores.PartitionStore.load_parts`): each part gets only the events and
+        served messages at or after its own offset; a part that has caught up leaves ``ahead``."""
+        assert batch.event_offsets is not None and batch.served_offsets is not None
+        for role in self.roles:
+            ahead = store.ahead.get(role, {})
+            after = ahead.get(self._topic, 0)
+            events = [e for e, o in zip(batch.events, batch.event_offsets, strict=True) if o >= after]
+            after = ahead.get(self._impressions, 0)
+            served = [v for v, o in zip(batch.served, batch.served_offsets, strict=True) if o >= after]
+            _apply_parts(store, frozenset({role}), events, served)
+        offsets = {**store.offsets, **batch.offsets}
+        for role, by_topic in list(store.ahead.items()):
+            if all(offsets.get(topic, 0) >= offset for topic, offset in by_topic.items()):
+                del store.ahead[role]
+
+
+def _apply_parts(
+    store: PartitionStore, roles: Collection[str], learned: list[Event], served: list[bytes]
+) -> None:
+    """Apply one partition's valid, deduplicated events (and served messages) to the parts of
+    ``store`` that ``roles`` keep."""
+    if learned:
+        users = [event.user_id for event in learned]
+        items = [event.item_id for event in learned]
+        types = [event.type for event in learned]
+        stamps = [event.ts_ms for event in learned]
+    else:
+        users, items, types, stamps = [], [], [], []
+    if "counters" in roles:
+        store.counters.update(items, types, stamps)
+        observe_click = store.clicks.observe
+        for value in served:  # impressions first: a batch's clicks then find theirs
+            _observe_served(observe_click, value)
+        for event in learned:
+            if event.type == "impression" or event.type == "click":
+                observe_click(event.type, event.item_id, event.request_id)
+    if "sequences" in roles and learned:
+        histories = store.histories
+        store.cooccurrence.observe_batch(users, items, histories.recent_items)
+        histories.append(users, items, types, stamps)
+    if "heads" in roles:
+        for head in store.heads.values():
+            learn = head.learn_one
+            for event in learned:
+                learn(event)
 
 
 def run(

@@ -180,7 +180,7 @@ def test_with_bootstrap_off_a_replica_reads_from_offset_0(boot_settings: Setting
     _produce(settings, 0, BEFORE)
     _run_stream_workers(settings)
     replica_settings = _replica(settings, tmp_path / "replica-home", "replica-3", bootstrap=False)
-    assert bootstrap_changelogs(replica_settings) == []
+    assert bootstrap_changelogs(replica_settings) == {}
     stack = ServingStack(replica_settings)
     stack.start()
     try:
@@ -188,3 +188,37 @@ def test_with_bootstrap_off_a_replica_reads_from_offset_0(boot_settings: Setting
         assert (stack.worker.stats.consumed, stack.worker.stats.bootstrapped) == (BEFORE, 0)
     finally:
         stack.stop()
+
+
+def test_a_replica_combines_the_parts_of_stream_workers_split_by_role(
+    boot_settings: Settings, tmp_path: Path
+) -> None:
+    settings = boot_settings
+    # One group per role, each stopped at its own offsets: counters at 1,000, sequences at 2,000,
+    # heads at 3,000 (docker-compose's stream-counters, stream-sequences, stream-heads).
+    for stop, role in ((1_000, "counters"), (2_000, "sequences"), (3_000, "heads")):
+        _produce(settings, stop - 1_000, stop)
+        stream = settings.stream.model_copy(update={"roles": (role,)})
+        part = settings.model_copy(update={"stream": stream})
+        worker = StreamWorker(part, heads=build_heads(stream))
+        worker.run(until_idle_s=1.5)
+        assert worker.stats.consumed == stop, role
+    _produce(settings, 3_000, 3_000 + AFTER)
+    replica_settings = _replica(settings, tmp_path / "replica-home", "replica-4")
+    stack = ServingStack(replica_settings)
+    stack.start()
+    try:
+        wait_until(lambda: stack.worker.stats.consumed >= 2_000 + AFTER, timeout_s=60)
+        with stack.worker.lock:
+            assert not any(store.ahead for store in stack.worker.state.stores.values())  # caught up
+        # From the lowest part's offsets (counters: 1,000), not from offset 0.
+        assert stack.worker.stats.consumed == 2_000 + AFTER
+        assert stack.worker.stats.bootstrapped == settings.broker_partitions
+    finally:
+        stack.stop()
+
+    # One uninterrupted worker keeping every role, in a group of its own, over the same events.
+    stream = settings.stream.model_copy(update={"group_id": f"{settings.stream.group_id}-ref"})
+    reference = _run_stream_workers(settings.model_copy(update={"stream": stream}))
+    assert reference.stats.consumed == 3_000 + AFTER
+    _assert_same_state(stack.worker.state, reference.state)
