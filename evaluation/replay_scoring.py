@@ -398,8 +398,9 @@ class ReplayEvaluator:
         pairs += [
             ("served_explore", "served"),
             ("transformer", "transformer_frozen"),
-            ("transformer", "transformer_stale"),
         ]
+        if self.stale is not None:  # the freshness control ran
+            pairs.append(("transformer", "transformer_stale"))
         out: dict[str, dict[str, Any]] = {}
         for left, right in pairs:
             a = np.asarray(self.scores[left].gains) > 0

@@ -348,3 +348,4 @@ def test_the_freshness_control_can_be_left_out(
     assert [c["at_event"] for c in result["finetunes"]] == [150, 300]
     assert result["stale"] is None and result["frozen"] is not None
     assert result["methods"]["transformer_stale"]["hr@10"] == 0.0
+    assert "transformer - transformer_stale" not in result["paired"]
