@@ -32,9 +32,10 @@ from harness import bench_cluster, consume_loop, time_batches
 from freshrec.settings import Settings, StreamSettings
 from learners.registry import build_heads
 from streams.admin import ensure_topics
-from streams.changelog import Changelog, encode_state
+from streams.changelog import Changelog
 from streams.producer import EventProducer
 from streams.reader import StateReader
+from streams.state_codec import encode_state
 from streams.worker import StreamWorker
 
 ALL_ROLES = ("counters", "sequences", "heads")

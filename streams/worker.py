@@ -71,206 +71,43 @@ Why confluent-kafka and not faust here: this is the per-event hot path; see ``do
 
 from __future__ import annotations
 
-import copy
 import logging
 import operator
 import os
-import pickle
-import signal
-import sys
-import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 
 from freshrec.errors import FreshrecError, InvalidEvent
 from freshrec.events import Event, parse_event
-from freshrec.processes import die_with_parent
 from freshrec.settings import Settings
 from streams.admin import check_consume_error, ensure_topics
-from streams.changelog import Changelog, Snapshot, encode_state, gc_paused
-from streams.clicks import ClickThrough
+from streams.changelog import Changelog
 from streams.consume import consume_loop, stop_on_signals
-from streams.cooccurrence import CoOccurrence
-from streams.counters import CounterConfig, ItemCounters
-from streams.dedup import RecentIds
 from streams.heads import Head
-from streams.histories import UserHistories
 from streams.impressions import decode_impression
+from streams.restore import Candidate, bootstrap_candidates, load_newest
+from streams.state_codec import encode_state, gc_paused
 from streams.stores import (
-    MergedClicks,
-    MergedCoOccurrence,
-    MergedCounters,
-    MergedHistories,
-    MergedRecent,
     PartitionStore,
-    RoutedHead,
+)
+from streams.worker_state import (
+    CAN_FORK,
+    CheckpointStore,
+    StreamState,
+    StreamStats,
+    encode_stores,
+    fork_writer,
 )
 
-__all__ = ["CheckpointStore", "StreamState", "StreamStats", "StreamWorker", "run"]
+__all__ = ["StreamWorker", "run"]
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(slots=True)
-class StreamStats:
-    consumed: int = 0
-    counted: int = 0
-    invalid: int = 0
-    duplicates: int = 0
-    batches: int = 0
-    checkpoints: int = 0
-    restored: int = 0  # partitions restored from the changelog
-    bootstrapped: int = 0  # of those, restored from another group's changelog (``bootstrap``)
-    flushed: int = 0  # partition snapshots written on revocation or exit
-
-
-class StreamState:
-    """A worker's state: a :class:`~streams.stores.PartitionStore` per owned partition of
-    ``events`` (``stores``), read merged through ``counters``, ``histories``, ``cooccurrence``,
-    ``clicks``, ``recent`` and ``heads``; see :mod:`streams.stores`."""
-
-    def __init__(self, settings: Settings, *, heads: Mapping[str, Head] | None = None) -> None:
-        config = settings.stream
-        self._settings = settings
-        self._topics = settings.topics
-        self.counter_config = CounterConfig(
-            half_life_s=config.half_life_s,
-            windows_s=config.windows_s,
-            buckets=config.window_buckets,
-            max_items=config.max_items,
-        )
-        self.stores: dict[int, PartitionStore] = {}
-        self._prototypes = {name: copy.deepcopy(head) for name, head in (heads or {}).items()}
-        self.counters = MergedCounters(self.stores, self.counter_config)
-        self.histories = MergedHistories(self.stores, max_len=config.history_len)
-        self.cooccurrence = MergedCoOccurrence(self.stores, min_count=config.cooccurrence_min_count)
-        defaults = ClickThrough()
-        self.clicks = MergedClicks(self.stores, alpha=defaults.alpha, beta=defaults.beta)
-        self.recent = MergedRecent(self.stores)
-        self.heads: dict[str, RoutedHead] = {
-            name: RoutedHead(name, head, self.stores, settings.broker_partitions)
-            for name, head in self._prototypes.items()
-        }
-
-    def set_partition_count(self, partitions: int) -> None:
-        """How many partitions ``events`` has: what routes a user to their partition's head."""
-        for head in self.heads.values():
-            head.partitions = partitions
-
-    def new_store(self) -> PartitionStore:
-        """An empty store, configured as this worker's settings say."""
-        config = self._settings.stream
-        return PartitionStore(
-            counters=ItemCounters(self.counter_config),
-            recent=RecentIds(config.dedup_horizon),
-            histories=UserHistories(max_len=config.history_len, max_users=config.max_users),
-            cooccurrence=CoOccurrence(min_count=config.cooccurrence_min_count),
-            clicks=ClickThrough(),
-            heads={name: copy.deepcopy(head) for name, head in self._prototypes.items()},
-        )
-
-    def store(self, partition: int) -> PartitionStore:
-        """The store of ``partition``, created empty if this worker has none yet."""
-        store = self.stores.get(partition)
-        if store is None:
-            store = self.stores[partition] = self.new_store()
-        return store
-
-    @property
-    def offsets(self) -> dict[tuple[str, int], int]:
-        """The next offset to read per (topic, partition), over every store."""
-        return {
-            (topic, partition): offset
-            for partition, store in self.stores.items()
-            for topic, offset in store.offsets.items()
-        }
-
-    @offsets.setter
-    def offsets(self, offsets: Mapping[tuple[str, int], int]) -> None:
-        for (topic, partition), offset in offsets.items():
-            self.store(partition).offsets[topic] = offset
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"partitions": {partition: store.state_dict() for partition, store in self.stores.items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.stores.clear()
-        for partition, store_state in state["partitions"].items():
-            self.store(int(partition)).load_state_dict(store_state)
-
-
-class CheckpointStore:
-    """The local hand-off file of a forked snapshot, replaced atomically (temporary file, fsync,
-    rename). Written by the child, read by the worker's uploader; never read back as state."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def load(self) -> dict[str, Any] | None:
-        # A write interrupted by kill -9 leaves its temporary file behind; it was never a snapshot.
-        for stale in self.path.parent.glob(f".{self.path.name}-*"):
-            stale.unlink(missing_ok=True)
-        try:
-            with self.path.open("rb") as handle:
-                state: dict[str, Any] = pickle.load(handle)  # our own file: a dict of bytes payloads
-        except FileNotFoundError:
-            return None
-        return state
-
-    def save(self, state: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            dir=self.path.parent, prefix=f".{self.path.name}-", delete=False
-        ) as tmp:
-            pickle.dump(state, tmp, protocol=pickle.HIGHEST_PROTOCOL)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp.name, self.path)
-        directory = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-
-
-_CAN_FORK = sys.platform == "linux"
 _TS_MS = operator.attrgetter("ts_ms")
-
-
-def _encode_stores(stores: Mapping[int, PartitionStore], partitions: Collection[int]) -> dict[int, bytes]:
-    with gc_paused():
-        return {partition: encode_state(stores[partition].state_dict()) for partition in partitions}
-
-
-def _fork_writer(
-    store: CheckpointStore, stores: Mapping[int, PartitionStore], partitions: Collection[int]
-) -> int:
-    """Fork a child that encodes ``partitions`` (as of now) into ``store`` and exits; returns its pid.
-
-    The child only encodes and writes: it takes no lock, logs nothing and touches no Kafka client,
-    so the threads the fork leaves behind cannot deadlock it. It dies with the worker.
-    """
-    parent = os.getpid()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+ warns about forking with threads
-        pid = os.fork()
-    if pid:
-        return pid
-    code = 1
-    try:
-        if not die_with_parent(parent, signal.SIGKILL):  # the worker died before the fork's request
-            os._exit(1)
-        store.save({"payloads": _encode_stores(stores, partitions)})
-        code = 0
-    finally:
-        os._exit(code)
 
 
 def _observe_served(observe: Callable[[str, str, str | None], None], value: bytes) -> None:
@@ -282,19 +119,6 @@ def _observe_served(observe: Callable[[str, str, str | None], None], value: byte
         return
     for item in response.items:
         observe("impression", item.item_id, response.request_id)
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class _Candidate:
-    """A snapshot a partition may start from, the roles its group keeps, and whether it is this
-    group's own."""
-
-    snapshot: Snapshot
-    roles: frozenset[str]
-    own: bool = False
-
-    def state(self) -> dict[str, Any]:
-        return self.snapshot.state()
 
 
 @dataclass(slots=True)
@@ -374,16 +198,23 @@ class StreamWorker:
         worker's state; partitions without one start empty. Returns the offsets each restored
         partition reflects."""
         own = self.changelog.restore(partitions)
-        candidates: dict[int, list[_Candidate]] = {
-            p: [_Candidate(snapshot, self.roles, own=True)] for p, snapshot in own.items()
+        candidates: dict[int, list[Candidate]] = {
+            p: [Candidate(snapshot, self.roles, own=True)] for p, snapshot in own.items()
         }
-        for candidate in self._bootstrap_snapshots(partitions):
+        for candidate in bootstrap_candidates(self._settings, self._bootstrap, self._sources, partitions):
             candidates.setdefault(candidate.snapshot.partition, []).append(candidate)
         restored: dict[int, dict[str, int]] = {}
         stores: dict[int, PartitionStore] = {}
         wanted = set(candidates) if partitions is None else set(partitions)
         for partition in sorted(wanted):
-            store, used = self._load_newest(partition, candidates.get(partition, []))
+            store, used = load_newest(
+                partition,
+                candidates.get(partition, []),
+                roles=self.roles,
+                new_store=self.state.new_store,
+                events=self._topic,
+                impressions=self._impressions,
+            )
             stores[partition] = store
             if used:
                 restored[partition] = dict(store.offsets)
@@ -395,101 +226,6 @@ class StreamWorker:
             self._snapshotted[partition] = dict(own[partition].offsets) if partition in own else {}
         self.stats.restored += len(restored)
         return restored
-
-    def _position(self, snapshot: Snapshot) -> tuple[int, int]:
-        """How far into its partition a snapshot is: its ``events`` offset, then its ``impressions``
-        one (a partition's snapshots of one stream are ordered by both alike)."""
-        offsets = snapshot.offsets
-        return offsets.get(self._topic, 0), offsets.get(self._impressions, 0)
-
-    def _load_newest(
-        self, partition: int, candidates: list[_Candidate]
-    ) -> tuple[PartitionStore, list[_Candidate]]:
-        """A store of ``partition`` built from the snapshots furthest on, and the ones it used.
-
-        Each part (role) comes from the snapshot furthest on among those that keep it (this group's
-        own on a tie). When one snapshot gives every part, it is loaded whole; when the parts come
-        from several (stream workers split by role), each is loaded from its own and the store
-        catches the others up (:meth:`~streams.stores.PartitionStore.load_parts`). A bootstrap
-        snapshot that cannot be loaded (without a head this worker keeps) is left out, with a log
-        line; this group's own must load."""
-        options = list(candidates)
-        while True:
-            chosen: dict[str, _Candidate] = {}
-            for role in self.roles:
-                keeping = [c for c in options if role in c.roles]
-                if keeping:
-                    chosen[role] = max(keeping, key=lambda c: self._position(c.snapshot))
-            if set(chosen) != self.roles:  # no own snapshot, and the others do not keep every part
-                if options:
-                    logger.warning(
-                        "partition %d: the stream state found (%s) does not keep %s: reading from offset 0",
-                        partition,
-                        ", ".join(sorted({role for c in options for role in c.roles})),
-                        ", ".join(sorted(self.roles - set(chosen))),
-                    )
-                return self.state.new_store(), []
-            used = list({id(c): c for c in chosen.values()}.values())
-            store = self.state.new_store()
-            states: dict[int, dict[str, Any]] = {}
-            try:
-                with gc_paused():
-                    for candidate in used:
-                        states[id(candidate)] = candidate.state()
-                    if len(used) == 1:
-                        store.load_state_dict(states[id(used[0])])
-                    else:
-                        store.load_parts({r: states[id(c)] for r, c in chosen.items()}, events=self._topic)
-            except ValueError as exc:
-                culprit = self._unloadable(chosen, states) if len(used) > 1 else used[0]
-                if culprit is None or culprit.own:
-                    raise
-                logger.warning(
-                    "partition %d cannot start from another group's snapshot (%s): trying the next",
-                    partition,
-                    exc,
-                )
-                options = [c for c in options if c is not culprit]
-                continue
-            if len(used) == 1 and store.offsets != used[0].snapshot.offsets:
-                raise ValueError(f"snapshot of partition {partition} names other offsets than it holds")
-            return store, used
-
-    def _unloadable(
-        self, chosen: Mapping[str, _Candidate], states: Mapping[int, dict[str, Any]]
-    ) -> _Candidate | None:
-        """The first snapshot whose part cannot be loaded (the slow path of a failed restore)."""
-        for role, candidate in chosen.items():
-            state = states.get(id(candidate))
-            try:
-                if state is None:  # its payload did not decode
-                    return candidate
-                self.state.new_store().load_part(state, role)
-            except ValueError:
-                return candidate
-        return None
-
-    def _bootstrap_snapshots(self, partitions: Collection[int] | None) -> list[_Candidate]:
-        """The newest complete snapshot of each of ``partitions`` in each bootstrap changelog that
-        exists on the broker; when none exists, that is said in the log (once per restore)."""
-        found: list[_Candidate] = []
-        missing: list[str] = []
-        for topic, roles in self._bootstrap.items():
-            source = self._sources.get(topic)
-            if source is None:
-                source = Changelog(self._settings, topic=topic, create=False)
-                if not source.partitions:
-                    missing.append(topic)
-                    continue
-                self._sources[topic] = source
-            found.extend(_Candidate(s, roles) for s in source.restore(partitions).values())
-        if missing and not found:
-            logger.warning(
-                "no stream state to bootstrap from (%s not on the broker): reading the partitions "
-                "from this group's last snapshot, or offset 0",
-                ", ".join(missing),
-            )
-        return found
 
     def run(self, *, until_idle_s: float | None = None) -> StreamStats:
         ensure_topics(self._settings)
@@ -580,10 +316,10 @@ class StreamWorker:
             offsets = {p: dict(self.state.stores[p].offsets) for p in dirty}
             child = 0
             payloads: dict[int, bytes] | None = None
-            if _CAN_FORK:
-                child = _fork_writer(self.store, self.state.stores, dirty)
+            if CAN_FORK:
+                child = fork_writer(self.store, self.state.stores, dirty)
             else:
-                payloads = _encode_stores(self.state.stores, dirty)
+                payloads = encode_stores(self.state.stores, dirty)
         self._checkpoint_s = time.monotonic() - started
         changelog = self.changelog
 

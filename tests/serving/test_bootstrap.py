@@ -23,7 +23,8 @@ from serving.server import ServingStack, bootstrap_changelogs
 from streams.admin import ensure_topics
 from streams.heads import Head
 from streams.producer import EventProducer
-from streams.worker import StreamState, StreamWorker
+from streams.worker import StreamWorker
+from streams.worker_state import StreamState
 
 BEFORE, AFTER = 3_000, 600  # events the stream workers snapshot; events produced after
 MAX_LAG = 50

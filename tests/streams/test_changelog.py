@@ -21,12 +21,13 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from freshrec.settings import Settings, StreamSettings
-from streams.changelog import Changelog, Manifest, changelog_topic, decode_state, encode_state
+from streams.changelog import Changelog, Manifest, changelog_topic
 from streams.clicks import ClickThrough
 from streams.cooccurrence import CoOccurrence
 from streams.counters import CounterConfig, ItemCounters
 from streams.dedup import RecentIds
 from streams.histories import UserHistories
+from streams.state_codec import decode_state, encode_state
 
 KILL_SEED = int(os.environ.get("FRESHREC_FAULT_SEED", "1414"))
 

@@ -14,11 +14,11 @@ from freshrec.events import Event
 from freshrec.settings import Settings, StreamSettings
 from learners.registry import build_heads
 from streams.admin import ensure_topics
-from streams.changelog import decode_state, encode_state
 from streams.counters import CounterConfig, ItemCounters
 from streams.producer import EventProducer
+from streams.state_codec import decode_state, encode_state
 from streams.stores import partition_of
-from streams.worker import StreamState
+from streams.worker_state import StreamState
 
 HOUR, DAY = 3_600, 86_400
 CONFIG = CounterConfig(windows_s=(HOUR, DAY), buckets=12, half_life_s=float(HOUR))
