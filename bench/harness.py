@@ -100,3 +100,24 @@ def time_batches(runner: Any, handler: str, consumed: Callable[[], int], n: int)
     thread.start()
     thread.join()
     return marks["last"] - marks["first"]
+
+
+def produce_synthetic(settings: Settings, n: int, *, seed: int = 7) -> None:
+    """``n`` synthetic events on ``events``, keyed by user: items Zipf(1.1) over 100,000, 200,000
+    users, a view / click / purchase mix, one millisecond apart from a day ago."""
+    import numpy as np
+    import orjson
+
+    from streams.producer import EventProducer
+
+    rng = np.random.default_rng(seed)
+    items = rng.zipf(1.1, size=n) % 100_000
+    users = rng.integers(0, 200_000, size=n)
+    now = int(time.time() * 1000) - 86_400_000
+    kinds = ("view", "view", "view", "click", "purchase")
+    with EventProducer(settings) as producer:
+        for i in range(n):
+            user = f"u{users[i]}"
+            event = {"event_id": f"s{i}", "user_id": user, "item_id": f"i{items[i]}", "type": kinds[i % 5],
+                     "ts": now + i}  # fmt: skip
+            producer.produce(settings.topics.events, orjson.dumps(event), key=user.encode())

@@ -23,35 +23,13 @@ import time
 import uuid
 
 import httpx
-import numpy as np
-import orjson
-from harness import bench_cluster, free_port
+from harness import bench_cluster, free_port, produce_synthetic
 
 from freshrec.settings import Settings
 from learners.registry import build_heads
-from streams.producer import EventProducer
 from streams.worker import StreamWorker
 
 TARGET_S = 15.0  # with bootstrap, at 1M events of history
-
-
-def _produce(settings: Settings, n: int) -> None:
-    rng = np.random.default_rng(7)
-    items = rng.zipf(1.1, size=n) % 100_000
-    users = rng.integers(0, 200_000, size=n)
-    now = int(time.time() * 1000) - 86_400_000
-    with EventProducer(settings) as producer:
-        for i in range(n):
-            user = f"u{users[i]}"
-            kind = ("view", "view", "view", "click", "purchase")[i % 5]
-            event = {
-                "event_id": f"s{i}",
-                "user_id": user,
-                "item_id": f"i{items[i]}",
-                "type": kind,
-                "ts": now + i,
-            }
-            producer.produce(settings.topics.events, orjson.dumps(event), key=user.encode())
 
 
 def _stream_workers(settings: Settings, n: int) -> float:
@@ -126,7 +104,7 @@ def main() -> None:
     args = parser.parse_args()
     with bench_cluster() as settings:
         started = time.perf_counter()
-        _produce(settings, args.events)
+        produce_synthetic(settings, args.events)
         print(f"produced {args.events:,} events in {time.perf_counter() - started:.1f} s", file=sys.stderr)
         seconds = _stream_workers(settings, args.events)
         print(f"stream workers counted and snapshotted them in {seconds:.1f} s", file=sys.stderr)

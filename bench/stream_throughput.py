@@ -25,9 +25,8 @@ import threading
 import time
 import uuid
 
-import numpy as np
 import orjson
-from harness import bench_cluster, consume_loop, time_batches
+from harness import bench_cluster, consume_loop, produce_synthetic, time_batches
 
 from freshrec.settings import Settings, StreamSettings
 from learners.registry import build_heads
@@ -268,23 +267,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     with bench_cluster() as settings:
-        rng = np.random.default_rng(7)
-        items = rng.zipf(1.1, size=args.events) % 100_000
-        users = rng.integers(0, 200_000, size=args.events)
-        now = int(time.time() * 1000) - 86_400_000
         started = time.perf_counter()
-        with EventProducer(settings) as producer:
-            for i in range(args.events):
-                user = f"u{users[i]}"
-                kind = ("view", "view", "view", "click", "purchase")[i % 5]
-                event = {
-                    "event_id": f"s{i}",
-                    "user_id": user,
-                    "item_id": f"i{items[i]}",
-                    "type": kind,
-                    "ts": now + i,
-                }
-                producer.produce(settings.topics.events, orjson.dumps(event), key=user.encode())
+        produce_synthetic(settings, args.events)
         print(f"produced {args.events:,} events in {time.perf_counter() - started:.1f} s", file=sys.stderr)
         configs = {
             "all": ALL_ROLES,
