@@ -20,7 +20,7 @@ Common options override the model (``--max-len``, ``--dim``, ``--dropout``, ``--
 schedule (``--lr``, ``--batch-size``, ``--max-epochs``, ``--patience``). Example::
 
     .venv/bin/python bench/transformer_offline.py ml-100k --setting sasrec-full --seeds 0 1 2 \\
-        --max-len 200 --max-epochs 40 --patience 5 --json
+        --max-len 200 --max-epochs 150 --patience 20 --json
 """
 
 from __future__ import annotations
@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-alpha", type=float, default=0.0)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--max-epochs", type=int, default=40)
-    parser.add_argument("--patience", type=int, default=5)
+    parser.add_argument("--max-epochs", type=int, default=150)
+    parser.add_argument("--patience", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", action="store_true", help="Print one JSON object at the end.")
